@@ -1,0 +1,1 @@
+"""Periodic, versioned publishes of embeddings to the key-value store."""

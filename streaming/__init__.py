@@ -1,0 +1,2 @@
+"""Kafka in: event contracts, event sources, the consumer with its dead-letter topic, and the
+incremental learner."""

@@ -1,0 +1,1 @@
+"""Replayable event sources: a synthetic world with known ground truth, and MovieLens-100K."""

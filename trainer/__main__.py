@@ -1,0 +1,27 @@
+"""``python -m trainer``: the nightly full retrain and offline evaluation."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description="Train and evaluate the freshtower two-tower retrieval model.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Each command module registers its own parser and returns the function that runs it.
+    from trainer import evaluate, full
+
+    full.add_parser(sub)
+    evaluate.add_parser(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
