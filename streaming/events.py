@@ -16,7 +16,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -114,7 +114,7 @@ class UserProfile:
     ts_ms: int = 0
 
 
-Event = Union[Impression, Click, Item, UserProfile]
+Event = Impression | Click | Item | UserProfile
 _TYPES: dict[str, type] = {c.TYPE: c for c in (Impression, Click, Item, UserProfile)}
 
 
@@ -238,7 +238,9 @@ class _Fields:
 
 
 def _impression(f: _Fields) -> Impression:
-    return Impression(f.ident("user_id"), f.ident("item_id"), f.ident("request_id"), f.count("position"), f.timestamp("ts_ms"))
+    return Impression(
+        f.ident("user_id"), f.ident("item_id"), f.ident("request_id"), f.count("position"), f.timestamp("ts_ms")
+    )
 
 
 def _click(f: _Fields) -> Click:

@@ -70,7 +70,9 @@ def _convert(name: str, raw: Any, hint: Any) -> Any:
         if hint is Path:
             return Path(raw)
         if typing.get_origin(hint) is tuple:
-            return tuple(_convert(name, part.strip(), typing.get_args(hint)[0]) for part in raw.split(",") if part.strip())
+            return tuple(
+                _convert(name, part.strip(), typing.get_args(hint)[0]) for part in raw.split(",") if part.strip()
+            )
         return raw
     if hint is float and isinstance(raw, int) and not isinstance(raw, bool):
         return float(raw)

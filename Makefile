@@ -1,0 +1,38 @@
+# The two entry points of the README: `make demo` (the main job) and `make test`.
+# Each sets up what it needs: the virtualenv (.venv, from the pinned pyproject) and the Kafka jars.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+KAFKA_PORT ?= 9092
+INSTALLED := $(VENV)/.installed
+
+.PHONY: setup demo test lint kafka-stop clean
+
+$(INSTALLED): pyproject.toml
+	@command -v java >/dev/null || { echo "Java 17+ is required for the Kafka broker"; exit 1; }
+	@command -v mvn >/dev/null || { echo "Maven is required to fetch the Kafka jars"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(INSTALLED)
+	deploy/kafka/kafka.sh fetch
+
+demo: setup
+	deploy/kafka/kafka.sh start --port $(KAFKA_PORT) --data-dir data/kafka
+	$(BIN)/python -m streaming demo --bootstrap 127.0.0.1:$(KAFKA_PORT)
+	@echo "The broker keeps running on 127.0.0.1:$(KAFKA_PORT); stop it with: make kafka-stop"
+
+kafka-stop:
+	deploy/kafka/kafka.sh stop --port $(KAFKA_PORT) --data-dir data/kafka
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) deploy/kafka/libs deploy/kafka/.fetched

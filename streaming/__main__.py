@@ -1,0 +1,176 @@
+"""``python -m streaming``: topics, event sources replayed into Kafka, and a validating consumer."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+from tqdm import tqdm
+
+from streaming.consumer import EventConsumer
+from streaming.events import Event
+from streaming.producer import EventProducer
+from streaming.replay import replay
+from streaming.settings import KafkaSettings, load_settings
+from streaming.topics import EVENT_TOPICS, ensure_topics
+
+logger = logging.getLogger("streaming")
+
+
+def _settings(args: argparse.Namespace) -> KafkaSettings:
+    return load_settings(
+        KafkaSettings,
+        section="kafka",
+        config=args.config,
+        overrides={"bootstrap_servers": args.bootstrap, "topic_prefix": args.topic_prefix},
+    )
+
+
+def _source(args: argparse.Namespace) -> tuple[Iterator[Event], int | None]:
+    """The chosen source's events and, when known, how many there will be."""
+    if args.source == "movielens":
+        from streaming.sources.movielens import MovieLens100K, fetch
+
+        data = MovieLens100K(fetch(args.data_dir))
+        events = data.events(min_rating=args.min_rating)
+        return events, args.limit
+    from streaming.sources.synthetic import SyntheticWorld, WorldConfig
+
+    world = SyntheticWorld(WorldConfig(seed=args.seed, n_users=args.users, n_items=args.items, days=args.days))
+    return world.events(limit=args.limit), args.limit
+
+
+def cmd_topics(args: argparse.Namespace) -> int:
+    for name in ensure_topics(_settings(args)):
+        print(name)
+    return 0
+
+
+def cmd_fetch_movielens(args: argparse.Namespace) -> int:
+    from streaming.sources.movielens import fetch
+
+    print(fetch(args.data_dir))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    ensure_topics(settings)
+    events, total = _source(args)
+    with EventProducer(settings) as producer:
+        stats = replay(events, producer, rate=args.rate, total=total, description=f"replay {args.source}")
+    print(f"sent {stats.sent} events ({dict(stats.by_type)}) in {stats.seconds:.1f} s, {stats.rate:,.0f} events/s")
+    return 0
+
+
+def consume_until_idle(
+    settings: KafkaSettings, group: str, idle_s: float, expected: int | None = None
+) -> tuple[Counter[str], dict[str, set[int]], int]:
+    """Consume every event topic until nothing arrives for ``idle_s`` (or ``expected`` events came).
+
+    Returns events per type, the partitions each user's records arrived on, and the dead letters.
+    """
+    per_type: Counter[str] = Counter()
+    user_partitions: dict[str, set[int]] = {}
+    with (
+        EventConsumer(settings, group, list(EVENT_TOPICS.values())) as consumer,
+        tqdm(total=expected, desc="consume", unit="ev", mininterval=0.5) as bar,
+    ):
+        last = time.monotonic()
+        while time.monotonic() - last < idle_s and (expected is None or sum(per_type.values()) < expected):
+            received = consumer.poll(timeout_ms=500)
+            if received:
+                last = time.monotonic()
+            for r in received:
+                per_type[r.event.TYPE] += 1
+                if r.event.TYPE != "item":
+                    user_partitions.setdefault(r.event.user_id, set()).add(r.partition)
+            bar.update(len(received))
+            consumer.commit()
+        dead = sum(consumer.stats.dead_letters.values())
+    return per_type, user_partitions, dead
+
+
+def cmd_consume(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    per_type, user_partitions, dead = consume_until_idle(settings, args.group, args.idle)
+    split = sum(1 for parts in user_partitions.values() if len(parts) > 1)
+    print(
+        f"consumed {sum(per_type.values())} events {dict(per_type)}; dead letters: {dead}; "
+        f"users: {len(user_partitions)}, users on more than one partition: {split}"
+    )
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Stream a synthetic day through the broker and read it back, validating every record."""
+    settings = _settings(args)
+    ensure_topics(settings)
+    events, total = _source(args)
+    with EventProducer(settings) as producer:
+        sent = replay(events, producer, rate=args.rate, total=total, description="produce")
+    print(f"produced {sent.sent:,} events at {sent.rate:,.0f} events/s: {dict(sent.by_type)}")
+    per_type, user_partitions, dead = consume_until_idle(
+        settings, f"demo-{uuid.uuid4().hex[:8]}", idle_s=10.0, expected=sent.sent
+    )
+    split = sum(1 for parts in user_partitions.values() if len(parts) > 1)
+    print(f"consumed {sum(per_type.values()):,} events: {dict(per_type)}; dead letters: {dead}")
+    print(f"{len(user_partitions):,} users, each on one partition: {split == 0}")
+    return 0 if sum(per_type.values()) == sent.sent and split == 0 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m streaming",
+        description="Kafka side of freshtower: create the event topics, replay event sources into them, "
+        "and consume them with validation (bad records go to the dead-letter topic with their reason).",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--bootstrap", help="Kafka bootstrap servers (default: FRESHTOWER_BOOTSTRAP_SERVERS or 127.0.0.1:9092)"
+    )
+    common.add_argument("--topic-prefix", help="prefix of every topic name (default: 'freshtower.')")
+    common.add_argument("--config", help="TOML settings file; its [kafka] table is read (also FRESHTOWER_CONFIG)")
+    source = argparse.ArgumentParser(add_help=False)
+    source.add_argument("--source", choices=["synthetic", "movielens"], default="synthetic")
+    source.add_argument("--rate", type=float, help="events per second (default: as fast as the broker takes them)")
+    source.add_argument("--limit", type=int, help="stop after this many events")
+    source.add_argument("--seed", type=int, default=0, help="synthetic world seed")
+    source.add_argument("--users", type=int, default=2000, help="synthetic world users")
+    source.add_argument("--items", type=int, default=3000, help="synthetic world items at the start")
+    source.add_argument("--days", type=float, default=1.0, help="synthetic world days simulated")
+    source.add_argument("--data-dir", type=Path, default=Path("data"), help="where MovieLens-100K is cached")
+    source.add_argument("--min-rating", type=float, default=0.0, help="MovieLens ratings below this are not clicks")
+
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("topics", parents=[common], help="create the event and dead-letter topics (idempotent)")
+    p.set_defaults(run=cmd_topics)
+    p = sub.add_parser("fetch-movielens", help="download MovieLens-100K (from the RecBole wheel) into --data-dir")
+    p.add_argument("--data-dir", type=Path, default=Path("data"))
+    p.set_defaults(run=cmd_fetch_movielens)
+    p = sub.add_parser("replay", parents=[common, source], help="replay an event source into Kafka")
+    p.set_defaults(run=cmd_replay)
+    p = sub.add_parser("consume", parents=[common], help="consume and validate every event topic until idle")
+    p.add_argument("--group", default="freshtower-consume", help="consumer group id")
+    p.add_argument("--idle", type=float, default=5.0, help="stop after this many seconds without a record")
+    p.set_defaults(run=cmd_consume)
+    p = sub.add_parser("demo", parents=[common, source], help="produce a synthetic stream and consume it back")
+    p.set_defaults(run=cmd_demo, limit=200_000)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

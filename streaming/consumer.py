@@ -1,0 +1,165 @@
+"""Reading events from Kafka: decode, validate, and route every bad record to the dead-letter topic.
+
+Every record a poll returns is accounted for: it is either handed to the caller as a decoded event
+or written to the dead-letter topic with its original key, value and a ``reason`` header. Offsets
+are committed only after the dead-letter writes are acknowledged, so a crash between the two
+re-reads the records rather than losing them (a dead letter may then be written twice; an event
+is never silently dropped).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+
+from streaming.events import Event, InvalidEvent, Limits, decode, event_key
+from streaming.settings import KafkaSettings
+from streaming.topics import DEADLETTER, type_for_topic
+
+__all__ = ["DeadLetter", "EventConsumer", "Received", "check_record"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A decoded event and where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record that failed validation, as it is written to the dead-letter topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    reason: str
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        return [
+            ("reason", self.reason.encode()),
+            ("source.topic", self.topic.encode()),
+            ("source.partition", str(self.partition).encode()),
+            ("source.offset", str(self.offset).encode()),
+        ]
+
+
+def check_record(topic: str, key: bytes | None, value: bytes | None, settings: KafkaSettings, limits: Limits) -> Event:
+    """Decode one record and check that it sits on the right topic under the right key."""
+    event = decode(value, limits)
+    expected_type = type_for_topic(topic, settings)
+    if expected_type is not None and not isinstance(event, expected_type):
+        raise InvalidEvent(f"record of type '{event.TYPE}' does not belong on topic {topic}")
+    if key != event_key(event):
+        # A wrong key puts the user's state on another worker's partition.
+        shown = key.decode(errors="replace") if key is not None else None
+        raise InvalidEvent(f"record key {shown!r} does not match the event's key {event_key(event).decode()!r}")
+    return event
+
+
+@dataclass
+class ConsumerStats:
+    consumed: Counter[str] = field(default_factory=Counter)
+    dead_letters: Counter[str] = field(default_factory=Counter)
+
+
+class EventConsumer:
+    """A consumer-group member over event topics (logical names such as ``"clicks"``).
+
+    ``poll`` returns the decoded events; ``commit`` makes the dead letters durable and then
+    commits the offsets of everything polled so far.
+    """
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        group_id: str,
+        topics: Sequence[str],
+        *,
+        auto_offset_reset: str = "earliest",
+        client_id: str = "freshtower-consumer",
+    ) -> None:
+        self.settings = settings
+        self.limits = Limits(max_bytes=settings.max_record_bytes, max_future_ms=settings.max_future_ms)
+        self.stats = ConsumerStats()
+        self._consumer = KafkaConsumer(
+            *[settings.topic(t) for t in topics],
+            bootstrap_servers=settings.bootstrap_servers,
+            group_id=group_id,
+            client_id=client_id,
+            enable_auto_commit=False,
+            auto_offset_reset=auto_offset_reset,
+            # Larger than the validation limit: an oversized record must reach validation (and the
+            # dead-letter topic) rather than stall the fetcher.
+            max_partition_fetch_bytes=max(1 << 20, 4 * settings.max_record_bytes),
+        )
+        self._dlq = KafkaProducer(
+            bootstrap_servers=settings.bootstrap_servers, acks="all", linger_ms=5, client_id=f"{client_id}-dlq"
+        )
+        self._dlq_topic = settings.topic(DEADLETTER)
+        self._pending: list = []  # dead-letter send futures not yet confirmed
+
+    def poll(self, timeout_ms: int = 1000, max_records: int = 5000) -> list[Received]:
+        batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        out: list[Received] = []
+        for records in batches.values():
+            for record in records:
+                received = self._handle(record)
+                if received is not None:
+                    out.append(received)
+        return out
+
+    def _handle(self, record: ConsumerRecord) -> Received | None:
+        try:
+            event = check_record(record.topic, record.key, record.value, self.settings, self.limits)
+        except InvalidEvent as exc:
+            self._dead_letter(record, exc.reason)
+            return None
+        except Exception as exc:  # a bug in validation must not stop the stream; keep the record
+            logger.exception("unexpected error decoding %s[%d]@%d", record.topic, record.partition, record.offset)
+            self._dead_letter(record, f"internal error while decoding: {type(exc).__name__}: {exc}")
+            return None
+        self.stats.consumed[record.topic] += 1
+        return Received(record.topic, record.partition, record.offset, event)
+
+    def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
+        letter = DeadLetter(record.topic, record.partition, record.offset, record.key, record.value, reason)
+        logger.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, reason)
+        self._pending.append(
+            self._dlq.send(self._dlq_topic, key=letter.key, value=letter.value, headers=letter.headers())
+        )
+        self.stats.dead_letters[record.topic] += 1
+
+    def commit(self) -> None:
+        """Flush dead letters (raising if Kafka did not take them), then commit polled offsets."""
+        self._dlq.flush()
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.get(timeout=30)  # raises the send error: the offsets stay uncommitted
+        self._consumer.commit()
+
+    def assignment(self) -> set[TopicPartition]:
+        return self._consumer.assignment()
+
+    def close(self) -> None:
+        self._dlq.flush()
+        self._dlq.close()
+        self._consumer.close()
+
+    def __enter__(self) -> EventConsumer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

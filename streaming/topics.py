@@ -1,0 +1,94 @@
+"""The event topics and their creation.
+
+impressions, clicks and users are keyed by ``user_id`` and created with the same partition count,
+so one user's events land on the same partition number of each topic (co-partitioning): the worker
+that owns partition p holds every piece of state of the users hashed to p. ``items`` and ``users``
+are compacted (the latest record per key is what matters). ``deadletter`` keeps what failed
+validation, with the reason in a header.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+
+from streaming.events import Click, Event, Impression, Item, UserProfile
+from streaming.settings import KafkaSettings
+
+__all__ = ["DEADLETTER", "EVENT_TOPICS", "ensure_topics", "topic_for", "type_for_topic"]
+
+logger = logging.getLogger(__name__)
+
+EVENT_TOPICS: dict[type, str] = {Impression: "impressions", Click: "clicks", Item: "items", UserProfile: "users"}
+DEADLETTER = "deadletter"
+COMPACTED = {"items", "users"}
+
+
+def topic_for(event: Event, settings: KafkaSettings) -> str:
+    """The full topic name an event belongs on."""
+    return settings.topic(EVENT_TOPICS[type(event)])
+
+
+def type_for_topic(topic: str, settings: KafkaSettings) -> type | None:
+    """The event type a topic carries, or ``None`` for topics outside the contract."""
+    for cls, name in EVENT_TOPICS.items():
+        if settings.topic(name) == topic:
+            return cls
+    return None
+
+
+def ensure_topics(settings: KafkaSettings, *, timeout_s: float = 30.0) -> list[str]:
+    """Create the event and dead-letter topics if missing; return the full names. Idempotent."""
+    names = [*EVENT_TOPICS.values(), DEADLETTER]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id="freshtower-admin")
+            break
+        except KafkaError as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}") from exc
+            time.sleep(0.5)
+    try:
+        existing = set(admin.list_topics())
+        new = []
+        for name in names:
+            full = settings.topic(name)
+            if full in existing:
+                continue
+            configs = {"retention.ms": str(settings.retention_ms)}
+            if name in COMPACTED:
+                configs = {"cleanup.policy": "compact"}
+            new.append(NewTopic(full, settings.partitions, settings.replication_factor, topic_configs=configs))
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass  # another process created them between list and create
+            logger.info("created topics %s", [t.name for t in new])
+        _wait_for_metadata(admin, [settings.topic(n) for n in names], deadline)
+    finally:
+        admin.close()
+    return [settings.topic(n) for n in names]
+
+
+def _wait_for_metadata(admin: KafkaAdminClient, topics: list[str], deadline: float) -> None:
+    # create_topics returns once the controller accepted the request; leaders may be elected a
+    # moment later. Producing before that fails the first sends, so wait until every partition has one.
+    while True:
+        try:
+            described = admin.describe_topics(topics)
+        except KafkaError as exc:
+            described = [{"error": str(exc)}]
+        ready = all(
+            t.get("error_code") == 0 and t["partitions"] and all(p["leader_id"] >= 0 for p in t["partitions"])
+            for t in described
+        )
+        if ready:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"topics {topics} have no leaders yet: {described}")
+        time.sleep(0.2)
