@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_PORT ?= 9092
 INSTALLED := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint kafka-stop clean
+.PHONY: setup demo test lint kafka-stop clean prometheus-tools
 
 $(INSTALLED): pyproject.toml
 	@command -v java >/dev/null || { echo "Java 17+ is required for the Kafka broker"; exit 1; }
@@ -31,7 +32,13 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup lint
+# Prometheus server and promtool (Debian package) for the alert-rule and real-server tests.
+prometheus-tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  echo "installing Debian's prometheus package (prometheus, promtool)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: setup lint prometheus-tools
 	$(BIN)/pytest
 
 clean:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -125,6 +126,48 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if sum(per_type.values()) == sent.sent and split == 0 else 1
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run the incremental learner until SIGTERM/SIGINT (or until the stream stays idle)."""
+    import signal
+    import threading
+
+    from prometheus_client import start_http_server
+
+    from streaming.worker import Worker, WorkerSettings
+    from trainer.artifact import load_version
+    from trainer.registry import Registry
+
+    kafka = _settings(args)
+    settings = load_settings(
+        WorkerSettings,
+        section="worker",
+        config=args.config,
+        overrides={
+            "state_dir": args.state_dir,
+            "models_dir": args.models,
+            "group_id": args.group,
+            "batch_size": args.batch_size,
+            "metrics_port": args.metrics_port,
+        },
+    )
+    registry = Registry(settings.models_dir)
+    current = registry.current()
+    if current is None:
+        print(f"no promoted model in {settings.models_dir}: run `python -m trainer full` first", file=sys.stderr)
+        return 2
+    version = load_version(registry.path(current))
+    ensure_topics(kafka)
+    worker = Worker(kafka, settings, version.model, version.encoder, model_version=version.version_id)
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port, addr="127.0.0.1", registry=worker.metrics.registry)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.run(stop, exit_when_idle_s=args.exit_when_idle)
+    print(json.dumps(worker.summary(), sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m streaming",
@@ -160,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", default="freshtower-consume", help="consumer group id")
     p.add_argument("--idle", type=float, default=5.0, help="stop after this many seconds without a record")
     p.set_defaults(run=cmd_consume)
+    p = sub.add_parser("worker", parents=[common], help="run the incremental learner (Kafka -> SGD on ID embeddings)")
+    p.add_argument("--models", type=Path, help="model registry directory (default: artifacts/models)")
+    p.add_argument("--state-dir", type=Path, help="the worker's RocksDB state (default: data/worker)")
+    p.add_argument("--group", help="consumer group id (default: freshtower-worker)")
+    p.add_argument("--batch-size", type=int, help="clicks per SGD step (default: 256)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off)")
+    p.add_argument("--exit-when-idle", type=float, help="exit after this many seconds with the stream fully applied")
+    p.set_defaults(run=cmd_worker)
     p = sub.add_parser("demo", parents=[common, source], help="produce a synthetic stream and consume it back")
     p.set_defaults(run=cmd_demo, limit=200_000)
     return parser

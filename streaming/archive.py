@@ -1,0 +1,326 @@
+"""The event archive: daily Parquet partitions that the streaming side writes and ``trainer full`` reads.
+
+Layout::
+
+    <root>/date=YYYY-MM-DD/<type>-<seq>.parquet
+
+``date`` is the UTC date of the event's ``ts_ms``; ``type`` is the event type (``impression``,
+``click``, ``item``, ``user``), one Parquet schema per type; ``seq`` is a zero-padded sequence
+number per (day, type). Every file is written under a temporary name that readers never match
+(it starts with ``.`` and ends in ``.tmp``), synced, and then linked to its final name, so a crash
+leaves at worst a stray temporary file, never a half-written ``.parquet`` that a reader picks up.
+Linking (rather than renaming) refuses to overwrite, so two writers on the same day never clobber
+each other's files: the loser takes the next sequence number.
+
+Readers yield events in event-time order. Within one millisecond, catalogue and profile records
+come before impressions and clicks (so a click never precedes the record of the item it names).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import heapq
+import logging
+import os
+import re
+import uuid
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from streaming.events import Click, Event, Impression, Item, UserProfile
+
+__all__ = ["ArchiveWriter", "day_of", "days", "read_day", "read_range"]
+
+logger = logging.getLogger(__name__)
+
+_MS_PER_DAY = 86_400_000
+_FILE_RE = re.compile(r"^(impression|click|item|user)-(\d+)\.parquet$")
+_DAY_RE = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
+
+# Ties in ts_ms: state records (item, user) first, then impressions, then clicks.
+_RANK = {"item": 0, "user": 1, "impression": 2, "click": 3}
+
+_SCHEMAS: dict[str, pa.Schema] = {
+    "impression": pa.schema(
+        [
+            ("user_id", pa.string()),
+            ("item_id", pa.string()),
+            ("request_id", pa.string()),
+            ("position", pa.int64()),
+            ("ts_ms", pa.int64()),
+        ]
+    ),
+    "click": pa.schema(
+        [("user_id", pa.string()), ("item_id", pa.string()), ("request_id", pa.string()), ("ts_ms", pa.int64())]
+    ),
+    "item": pa.schema(
+        [
+            ("item_id", pa.string()),
+            ("category", pa.string()),
+            ("tags", pa.list_(pa.string())),
+            ("stats", pa.map_(pa.string(), pa.float64())),
+            ("created_ms", pa.int64()),
+            ("ts_ms", pa.int64()),
+        ]
+    ),
+    "user": pa.schema(
+        [
+            ("user_id", pa.string()),
+            ("discrete", pa.map_(pa.string(), pa.string())),
+            ("multi", pa.map_(pa.string(), pa.list_(pa.string()))),
+            ("numeric", pa.map_(pa.string(), pa.float64())),
+            ("ts_ms", pa.int64()),
+        ]
+    ),
+}
+
+
+def day_of(ts_ms: int) -> dt.date:
+    """The UTC date of an event time in ms; the partition an event with this time belongs to."""
+    return dt.datetime.fromtimestamp(ts_ms / 1000, tz=dt.UTC).date()
+
+
+def _day_start_ms(day: dt.date) -> int:
+    return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+def _day_dir(root: Path, day: dt.date) -> Path:
+    return root / f"date={day.isoformat()}"
+
+
+def _to_table(kind: str, events: list[Event]) -> pa.Table:
+    events = sorted(events, key=lambda e: e.ts_ms)
+    if kind == "impression":
+        cols = {
+            "user_id": [e.user_id for e in events],
+            "item_id": [e.item_id for e in events],
+            "request_id": [e.request_id for e in events],
+            "position": [e.position for e in events],
+            "ts_ms": [e.ts_ms for e in events],
+        }
+    elif kind == "click":
+        cols = {
+            "user_id": [e.user_id for e in events],
+            "item_id": [e.item_id for e in events],
+            "request_id": [e.request_id for e in events],
+            "ts_ms": [e.ts_ms for e in events],
+        }
+    elif kind == "item":
+        cols = {
+            "item_id": [e.item_id for e in events],
+            "category": [e.category for e in events],
+            "tags": [list(e.tags) for e in events],
+            "stats": [list(e.stats.items()) for e in events],
+            "created_ms": [e.created_ms for e in events],
+            "ts_ms": [e.ts_ms for e in events],
+        }
+    else:
+        cols = {
+            "user_id": [e.user_id for e in events],
+            "discrete": [list(e.discrete.items()) for e in events],
+            "multi": [[(k, list(v)) for k, v in e.multi.items()] for e in events],
+            "numeric": [list(e.numeric.items()) for e in events],
+            "ts_ms": [e.ts_ms for e in events],
+        }
+    return pa.Table.from_pydict(cols, schema=_SCHEMAS[kind])
+
+
+def _from_batch(kind: str, batch: pa.RecordBatch) -> Iterator[Event]:
+    c = {name: batch.column(name).to_pylist() for name in batch.schema.names}
+    n = batch.num_rows
+    if kind == "impression":
+        for i in range(n):
+            yield Impression(c["user_id"][i], c["item_id"][i], c["request_id"][i], c["position"][i], c["ts_ms"][i])
+    elif kind == "click":
+        for i in range(n):
+            yield Click(c["user_id"][i], c["item_id"][i], c["request_id"][i], c["ts_ms"][i])
+    elif kind == "item":
+        for i in range(n):
+            yield Item(
+                item_id=c["item_id"][i],
+                category=c["category"][i],
+                tags=tuple(c["tags"][i]),
+                stats=dict(c["stats"][i]),
+                created_ms=c["created_ms"][i],
+                ts_ms=c["ts_ms"][i],
+            )
+    else:
+        for i in range(n):
+            yield UserProfile(
+                user_id=c["user_id"][i],
+                discrete=dict(c["discrete"][i]),
+                multi={k: tuple(v) for k, v in c["multi"][i]},
+                numeric=dict(c["numeric"][i]),
+                ts_ms=c["ts_ms"][i],
+            )
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ArchiveWriter:
+    """Buffers events and writes them as daily Parquet partitions under ``root``.
+
+    ``write`` buffers (and flushes by itself once ``max_buffered`` events are waiting); ``flush``
+    writes one file per (day, type) in the buffer, atomically. Use as a context manager to flush
+    on exit. Not thread-safe; one writer per thread or process.
+    """
+
+    def __init__(self, root: str | Path, *, max_buffered: int = 100_000) -> None:
+        if max_buffered < 1:
+            raise ValueError(f"max_buffered must be >= 1, got {max_buffered}")
+        self.root = Path(root)
+        self.max_buffered = max_buffered
+        self._buffer: dict[tuple[dt.date, str], list[Event]] = defaultdict(list)
+        self._count = 0
+
+    @property
+    def buffered(self) -> int:
+        """Events written but not yet flushed."""
+        return self._count
+
+    def write(self, events: Iterable[Event]) -> None:
+        for event in events:
+            kind = getattr(event, "TYPE", None)
+            if kind not in _SCHEMAS:
+                raise TypeError(f"expected an Impression, Click, Item or UserProfile, got {type(event).__name__}")
+            self._buffer[(day_of(event.ts_ms), kind)].append(event)
+            self._count += 1
+            if self._count >= self.max_buffered:
+                self.flush()
+
+    def flush(self) -> list[Path]:
+        """Write every buffered event; returns the files written (final names)."""
+        written = []
+        for key in sorted(self._buffer):
+            day, kind = key
+            written.append(self._write_file(day, kind, _to_table(kind, self._buffer[key])))
+            # Dropped only once on disk: after a failed write, a retry writes the rest, nothing twice.
+            self._count -= len(self._buffer.pop(key))
+        return written
+
+    def _write_file(self, day: dt.date, kind: str, table: pa.Table) -> Path:
+        directory = _day_dir(self.root, day)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / f".{kind}-{uuid.uuid4().hex}.parquet.tmp"
+        try:
+            pq.write_table(table, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            seq = _next_seq(directory, kind)
+            while True:
+                final = directory / f"{kind}-{seq:06d}.parquet"
+                try:
+                    # link() fails if ``final`` exists, so a concurrent writer's file is never replaced.
+                    os.link(tmp, final)
+                    break
+                except FileExistsError:
+                    seq += 1
+                except OSError as exc:
+                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                        raise
+                    # Filesystems without hard links: rename is still atomic, just not exclusive.
+                    os.replace(tmp, final)
+                    break
+        finally:
+            tmp.unlink(missing_ok=True)
+        _fsync_dir(directory)
+        logger.debug("archived %d %s events to %s", table.num_rows, kind, final)
+        return final
+
+    def __enter__(self) -> ArchiveWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.flush()
+
+
+def _next_seq(directory: Path, kind: str) -> int:
+    seqs = [int(m.group(2)) for p in directory.iterdir() if (m := _FILE_RE.match(p.name)) and m.group(1) == kind]
+    return max(seqs, default=0) + 1
+
+
+def _complete_files(directory: Path, types: frozenset[str] | None) -> list[tuple[str, Path]]:
+    if not directory.is_dir():
+        return []
+    out = []
+    for path in sorted(directory.iterdir()):
+        m = _FILE_RE.match(path.name)
+        if m and (types is None or m.group(1) in types):
+            out.append((m.group(1), path))
+    return out
+
+
+def days(root: str | Path) -> list[dt.date]:
+    """The days that hold at least one complete file, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for path in root.iterdir():
+        m = _DAY_RE.match(path.name)
+        if m and _complete_files(path, None):
+            out.append(dt.date.fromisoformat(m.group(1)))
+    return sorted(out)
+
+
+def _check_types(types: Iterable[str] | None) -> frozenset[str] | None:
+    if types is None:
+        return None
+    chosen = frozenset(types)
+    unknown = chosen - set(_SCHEMAS)
+    if unknown:
+        raise ValueError(f"unknown event type(s) {sorted(unknown)}; expected some of {sorted(_SCHEMAS)}")
+    return chosen
+
+
+def _file_events(kind: str, path: Path, seq: int) -> Iterator[tuple[int, int, int, Event]]:
+    table = pq.read_table(path, schema=_SCHEMAS[kind])
+    if table.num_rows and not _is_sorted(table):
+        table = table.sort_by("ts_ms")
+    rank = _RANK[kind]
+    for batch in table.to_batches(max_chunksize=8192):
+        for event in _from_batch(kind, batch):
+            yield event.ts_ms, rank, seq, event
+
+
+def _is_sorted(table: pa.Table) -> bool:
+    ts = table.column("ts_ms").to_numpy()
+    return bool((ts[1:] >= ts[:-1]).all())
+
+
+def read_day(root: str | Path, day: dt.date | str, *, types: Iterable[str] | None = None) -> Iterator[Event]:
+    """Events of one UTC day in time order; ``types`` limits the event types read (e.g. ``{"click"}``)."""
+    if isinstance(day, str):
+        day = dt.date.fromisoformat(day)
+    files = _complete_files(_day_dir(Path(root), day), _check_types(types))
+    # Each file is sorted by time; a k-way merge keeps the whole day in order without sorting it in Python.
+    streams = [_file_events(kind, path, i) for i, (kind, path) in enumerate(files)]
+    for _, _, _, event in heapq.merge(*streams, key=lambda t: (t[0], t[1], t[2])):
+        yield event
+
+
+def read_range(
+    root: str | Path, start_ms: int | None, end_ms: int | None, *, types: Iterable[str] | None = None
+) -> Iterator[Event]:
+    """Events with ``start_ms <= ts_ms < end_ms`` in time order (``None``: unbounded on that side)."""
+    chosen = _check_types(types)
+    for day in days(root):
+        day_start = _day_start_ms(day)
+        if start_ms is not None and day_start + _MS_PER_DAY <= start_ms:
+            continue
+        if end_ms is not None and day_start >= end_ms:
+            break
+        for event in read_day(root, day, types=chosen):
+            if (start_ms is None or event.ts_ms >= start_ms) and (end_ms is None or event.ts_ms < end_ms):
+                yield event

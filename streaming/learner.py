@@ -1,0 +1,149 @@
+"""Incremental SGD on ID embeddings only: the online half of "full + incremental" (seed 000, 001, 003).
+
+Every dense parameter of the current model (MLPs, feature tables, the last-N table) is frozen:
+``requires_grad`` is off and no optimizer ever sees it, so they stay bit-identical until the next
+full retrain is promoted. Only user-ID and item-ID rows move, through the
+:class:`~streaming.tables.EmbeddingTable` overlays, with row-wise Adagrad.
+
+A mini-batch is a list of clicks in event-time order; the loss is the listwise in-batch softmax
+with the logQ correction, ``p_j`` estimated from the stream itself (Yi et al., RecSys 2019), the
+same estimator the nightly job uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from streaming.examples import Example, ExampleBuilder
+from streaming.state import StateStore
+from streaming.tables import EmbeddingTable, TableSettings
+from trainer.features import FeatureEncoder
+from trainer.frequency import FrequencyEstimator
+from trainer.losses import listwise_loss
+from trainer.model import TwoTowerModel
+
+__all__ = ["IncrementalLearner", "LearnerSettings"]
+
+logger = logging.getLogger(__name__)
+
+_BUCKET = struct.Struct("<qd")  # last_step, mean_gap
+
+
+@dataclass(frozen=True)
+class LearnerSettings:
+    batch_size: int = 256
+    logq: bool = True
+    frequency_buckets: int = 1 << 16
+    frequency_hashes: int = 2
+    frequency_alpha: float = 0.01
+    user_table: TableSettings = field(default_factory=TableSettings)
+    item_table: TableSettings = field(default_factory=TableSettings)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 2:
+            raise ValueError(f"batch_size must be >= 2 for in-batch negatives, got {self.batch_size}")
+
+
+class IncrementalLearner:
+    """Applies mini-batches of :class:`Example` to the ID rows of ``model``; ``learn_batch`` is the one verb."""
+
+    def __init__(
+        self,
+        model: TwoTowerModel,
+        encoder: FeatureEncoder,
+        builder: ExampleBuilder,
+        settings: LearnerSettings,
+        state: StateStore,
+    ) -> None:
+        self.model = model.eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)  # dense layers frozen: nothing but the ID rows below can change
+        self.encoder = encoder
+        self.builder = builder
+        self.settings = settings
+        self._state = state
+        self.temperature = model.config.temperature
+        self.users = self._table(
+            "user", model.user_tower.id_table.weight, encoder.user_vocab.tokens, settings.user_table
+        )
+        self.items = self._table(
+            "item", model.item_tower.id_table.weight, encoder.item_vocab.tokens, settings.item_table
+        )
+        self.frequency = FrequencyEstimator(
+            settings.frequency_buckets, settings.frequency_hashes, settings.frequency_alpha, seed=0
+        )
+        self._load_frequency()
+        self.batches = int(state.meta().get("batches", 0))
+        self.examples = int(state.meta().get("examples", 0))
+
+    def _table(
+        self, name: str, weight: torch.Tensor, tokens: tuple[str, ...], settings: TableSettings
+    ) -> EmbeddingTable:
+        # Vocabulary index k (k >= 1) is row k of the model's table; row 0 is the unknown/default row.
+        index = {token: k for k, token in enumerate(tokens, start=1)}
+        return EmbeddingTable(name, weight.detach().numpy().copy(), index, settings, self._state)
+
+    # ------------------------------------------------------------------ learning
+    def learn_batch(self, examples: list[Example]) -> float:
+        """One SGD step on the ID rows touched by ``examples`` (in event-time order); returns the batch loss."""
+        if not examples:
+            return 0.0
+        user_ids = [e.user_id for e in examples]
+        item_ids = [e.item_id for e in examples]
+        for e in examples:
+            self.users.observe([e.user_id], e.ts_ms)
+            self.items.observe([e.item_id], e.ts_ms)
+        self.frequency.update(item_ids)
+        self._stage_frequency(item_ids)
+
+        users = self.encoder.encode_users(user_ids, self.builder.profiles, [list(e.history) for e in examples])
+        items = self.encoder.encode_items(item_ids, self.builder.catalogue)
+        user_rows, user_slots = self.users.gather(user_ids)
+        item_rows, item_slots = self.items.gather(item_ids)
+        user_leaf = torch.from_numpy(user_rows).requires_grad_(True)  # [B, id_dim]
+        item_leaf = torch.from_numpy(item_rows).requires_grad_(True)  # [B, id_dim]
+        a = self.model.user_tower(users, id_rows=user_leaf)  # [B, dim]
+        b = self.model.item_tower(items, id_rows=item_leaf)  # [B, dim]
+        _, item_keys = np.unique(np.asarray(item_ids), return_inverse=True)
+        log_q = torch.from_numpy(self.frequency.log_q(item_ids)) if self.settings.logq else None
+        loss = listwise_loss(
+            a, b, temperature=self.temperature, pos_log_q=log_q, pos_ids=torch.from_numpy(item_keys.astype(np.int64))
+        ).mean()
+        loss.backward()
+        self.users.apply_gradients(user_slots, user_leaf.grad.numpy())
+        self.items.apply_gradients(item_slots, item_leaf.grad.numpy())
+        self.batches += 1
+        self.examples += len(examples)
+        return float(loss.detach())
+
+    def expire(self, now_ms: int) -> int:
+        return self.users.expire(now_ms) + self.items.expire(now_ms)
+
+    # ------------------------------------------------------------------ durability
+    def flush(self) -> None:
+        self.users.flush()
+        self.items.flush()
+
+    def meta(self) -> dict[str, int]:
+        return {"batches": self.batches, "examples": self.examples, "frequency_step": self.frequency.step}
+
+    def _stage_frequency(self, item_ids: list[str]) -> None:
+        state = self.frequency.state_dict()
+        last_step, mean_gap = state["last_step"], state["mean_gap"]
+        buckets = self.frequency.buckets(item_ids)  # [num_hashes, n]
+        for h in range(buckets.shape[0]):
+            for b in set(buckets[h].tolist()):
+                self._state.put(f"f:{h}:{b}".encode(), _BUCKET.pack(int(last_step[h, b]), float(mean_gap[h, b])))
+
+    def _load_frequency(self) -> None:
+        state = self.frequency.state_dict()
+        for key, value in self._state.scan(b"f:"):
+            _, h, b = key.decode().split(":")
+            state["last_step"][int(h), int(b)], state["mean_gap"][int(h), int(b)] = _BUCKET.unpack(value)
+        state["step"] = np.array(int(self._state.meta().get("frequency_step", 0)), dtype=np.int64)
+        self.frequency.load_state_dict(state)

@@ -1,0 +1,38 @@
+"""The streaming worker's Prometheus metrics (names fixed by deploy/prometheus/alerts.yml)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["WorkerMetrics"]
+
+
+class WorkerMetrics:
+    """One set of metrics on its own registry (a process exposes it; tests read it directly)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.events = Counter("freshtower_events_consumed_total", "Valid events consumed", ["topic"], registry=r)
+        self.examples = Counter("freshtower_examples_trained_total", "Click examples applied by SGD", registry=r)
+        self.dead_letters = Counter(
+            "freshtower_dead_letters_total", "Records sent to the dead-letter topic", ["topic"], registry=r
+        )
+        self.duplicates = Counter("freshtower_duplicate_clicks_total", "Clicks dropped as duplicates", registry=r)
+        self.sgd_seconds = Histogram(
+            "freshtower_sgd_step_seconds",
+            "Time of one incremental SGD step",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=r,
+        )
+        self.lag = Gauge(
+            "freshtower_consumer_lag", "Records behind the partition's end", ["topic", "partition"], registry=r
+        )
+        self.watermark = Gauge(
+            "freshtower_event_watermark_timestamp_seconds", "Newest event time applied to the state", registry=r
+        )
+        self.rows = Gauge("freshtower_embedding_rows", "Online rows per embedding table", ["table"], registry=r)
+        self.checkpoint = Gauge(
+            "freshtower_checkpoint_timestamp_seconds", "Wall-clock time of the last checkpoint", registry=r
+        )
+        self.buffered = Gauge("freshtower_buffered_events", "Events fetched and not yet applied", registry=r)

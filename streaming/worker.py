@@ -1,0 +1,432 @@
+"""The streaming worker: Kafka -> event-time merge -> examples -> incremental SGD -> atomic checkpoints.
+
+Why kafka-python rather than faust agents: the worker must store its Kafka offsets *inside* the
+same RocksDB write batch as the state they produced, and seek to them on restart. Faust commits
+offsets itself and keeps table state in changelog topics; making both agree after a SIGKILL would
+mean fighting the framework. Here the consumer is a plain group member with auto-commit off; the
+checkpoint is the source of truth and the group offsets are only published for lag monitoring.
+
+Determinism is what makes recovery exact. Events are applied in a merge of all assigned
+partitions ordered by ``(event time, topic, partition, offset)``; an event is released only when
+every other assigned partition either has a buffered event at or after it or has been read to its
+end. Mini-batches are cut every ``batch_size`` clicks of that sequence. So the sequence of updates
+depends only on what is in Kafka, and after a SIGKILL the worker reloads the last checkpoint, seeks
+to its offsets and re-applies exactly the updates that were lost. (A partial batch is trained
+early only when the stream goes idle, which in a live stream depends on timing.)
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from streaming.consumer import DeadLetter, check_record
+from streaming.events import Event, InvalidEvent, Limits
+from streaming.examples import Example, ExampleBuilder, ExampleSettings
+from streaming.learner import IncrementalLearner, LearnerSettings
+from streaming.metrics import WorkerMetrics
+from streaming.settings import KafkaSettings
+from streaming.state import StateStore
+from streaming.tables import TableSettings
+from streaming.topics import DEADLETTER
+from trainer.features import FeatureEncoder
+from trainer.model import TwoTowerModel
+
+__all__ = ["Worker", "WorkerSettings"]
+
+logger = logging.getLogger(__name__)
+
+# Ties in event time: catalogue and profiles before the behaviour that may refer to them.
+_TOPIC_RANK = {"items": 0, "users": 1, "impressions": 2, "clicks": 3}
+_USER_TOPICS = ("users", "impressions", "clicks")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Settings of one worker process (``FRESHTOWER_*`` variables, ``[worker]`` in the TOML file)."""
+
+    state_dir: Path = Path("data/worker")
+    group_id: str = "freshtower-worker"
+    models_dir: Path = Path("artifacts/models")
+    batch_size: int = 256
+    last_n: int = 20
+    join_window_ms: int = 30 * 60 * 1000
+    min_count: int = 2
+    idle_ms: int = 3 * 24 * 3600 * 1000
+    max_rows: int = 1_000_000
+    lr: float = 0.05
+    logq: bool = True
+    checkpoint_interval_s: float = 2.0
+    expire_every_batches: int = 50
+    max_buffered_events: int = 100_000
+    idle_flush_s: float = 1.0
+    change_log_checkpoints: int = 10_000
+    metrics_port: int = 0
+    sync: bool = True
+
+    def learner(self) -> LearnerSettings:
+        table = TableSettings(min_count=self.min_count, idle_ms=self.idle_ms, max_rows=self.max_rows, lr=self.lr)
+        return LearnerSettings(batch_size=self.batch_size, logq=self.logq, user_table=table, item_table=table)
+
+
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    offset: int
+    ts_ms: int
+    event: Event | None  # None: a dead letter (already sent); only its offset matters
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.worker._on_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.worker._on_assigned(assigned)
+
+
+def _tp_key(tp: TopicPartition) -> str:
+    return f"{tp.topic}:{tp.partition}"
+
+
+class Worker:
+    """One member of the worker group. ``run`` until ``stop`` is set (or the stream stays idle)."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        settings: WorkerSettings,
+        model: TwoTowerModel,
+        encoder: FeatureEncoder,
+        *,
+        model_version: str = "",
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.kafka = kafka
+        self.settings = settings
+        self.metrics = metrics or WorkerMetrics()
+        self.model_version = model_version
+        self.state = StateStore(settings.state_dir, sync=settings.sync)
+        meta = self.state.meta()
+        self.builder = ExampleBuilder(ExampleSettings(settings.last_n, settings.join_window_ms), self.state)
+        self.learner = IncrementalLearner(model, encoder, self.builder, settings.learner(), self.state)
+        self.pending: list[Example] = [
+            Example(**{**e, "history": tuple(e["history"])}) for e in meta.get("pending", [])
+        ]
+        self._closed = False
+        self.checkpoints = int(meta.get("checkpoints", 0))
+        self._stored_offsets = self.state.offsets()
+        self._limits = Limits(max_bytes=kafka.max_record_bytes, max_future_ms=kafka.max_future_ms)
+        self._names = {kafka.topic(name): name for name in _TOPIC_RANK}
+        self._queues: dict[TopicPartition, deque[_Queued]] = {}
+        self._next: dict[TopicPartition, int] = {}  # next offset to apply, per partition
+        self._heads: list[tuple[int, int, int, int, TopicPartition]] = []
+        self._consumers: dict[TopicPartition, KafkaConsumer] = {}
+        self._paused: set[TopicPartition] = set()
+        self._buffered = 0
+        self._last_checkpoint = time.monotonic()
+        self._last_applied = time.monotonic()
+        common = {
+            "bootstrap_servers": kafka.bootstrap_servers,
+            "enable_auto_commit": False,
+            "auto_offset_reset": "earliest",
+            "max_partition_fetch_bytes": max(1 << 20, 4 * kafka.max_record_bytes),
+            "fetch_max_bytes": 8 << 20,
+            "reconnect_backoff_max_ms": 2000,
+        }
+        self._group = KafkaConsumer(group_id=settings.group_id, client_id="freshtower-worker", **common)
+        self._group.subscribe([kafka.topic(t) for t in _USER_TOPICS], listener=_Listener(self))
+        # The catalogue is global: every worker reads every partition of the items topic, outside the group.
+        self._catalogue = KafkaConsumer(group_id=None, client_id="freshtower-worker-items", **common)
+        self._dlq = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all", linger_ms=5, retries=10**9)
+        self._assigned_items = False
+        self._update_gauges()
+
+    # ------------------------------------------------------------------ partitions
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        for tp in assigned:
+            self._track(tp, self._group)
+        logger.info("assigned %s", sorted(_tp_key(tp) for tp in assigned))
+
+    def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked and not self._closed:
+            self.checkpoint()
+        for tp in revoked:
+            queue = self._queues.pop(tp, deque())
+            self._buffered -= len(queue)
+            self._next.pop(tp, None)
+            self._consumers.pop(tp, None)
+            self._paused.discard(tp)
+        self._heads = [h for h in self._heads if h[4] not in revoked]
+        heapq.heapify(self._heads)
+
+    def _track(self, tp: TopicPartition, consumer: KafkaConsumer) -> None:
+        stored = self._stored_offsets.get(_tp_key(tp))
+        if stored is not None:
+            consumer.seek(tp, stored)
+            self._next[tp] = stored
+        else:
+            self._next[tp] = -1  # resolved from the consumer's position on first use
+        self._queues[tp] = deque()
+        self._consumers[tp] = consumer
+
+    def _assign_catalogue(self) -> None:
+        topic = self.kafka.topic("items")
+        partitions = self._catalogue.partitions_for_topic(topic)
+        if not partitions:
+            return
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        self._catalogue.assign(tps)
+        for tp in tps:
+            self._track(tp, self._catalogue)
+        self._assigned_items = True
+
+    # ------------------------------------------------------------------ fetch
+    def _fetch(self, timeout_ms: int) -> int:
+        n = 0
+        for consumer in (self._catalogue, self._group):
+            try:
+                # No max_records: a poll that stops mid-partition leaves records in the client's
+                # in-line slot, and while that slot is taken the client never restores the records it
+                # parked for a resumed partition (kafka-python 3.0), which stalls a paused partition
+                # for good. fetch_max_bytes bounds what one poll brings instead.
+                batches = consumer.poll(timeout_ms=timeout_ms, max_records=1 << 30)
+            except KafkaError as exc:  # the broker is away; the client reconnects on the next poll
+                logger.warning("poll failed (%s); retrying", exc)
+                time.sleep(0.5)
+                continue
+            for tp, records in batches.items():
+                queue = self._queues.get(tp)
+                if queue is None:
+                    continue  # revoked while the fetch was in flight
+                for record in records:
+                    queue.append(self._decode(record))
+                    n += 1
+                if records and len(queue) == len(records):
+                    self._push_head(tp)
+        self._buffered += n
+        return n
+
+    def _decode(self, record) -> _Queued:
+        try:
+            event = check_record(record.topic, record.key, record.value, self.kafka, self._limits)
+        except InvalidEvent as exc:
+            reason = exc.reason
+        except Exception as exc:  # a bug in validation must not stop the stream; keep the record
+            logger.exception("unexpected error decoding %s[%d]@%d", record.topic, record.partition, record.offset)
+            reason = f"internal error while decoding: {type(exc).__name__}: {exc}"
+        else:
+            return _Queued(record.offset, event.ts_ms, event)
+        letter = DeadLetter(record.topic, record.partition, record.offset, record.key, record.value, reason)
+        self._dlq.send(self.kafka.topic(DEADLETTER), key=letter.key, value=letter.value, headers=letter.headers())
+        self.metrics.dead_letters.labels(record.topic).inc()
+        logger.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
+        return _Queued(record.offset, -1, None)
+
+    def _push_head(self, tp: TopicPartition) -> None:
+        head = self._queues[tp][0]
+        rank = _TOPIC_RANK[self._names[tp.topic]]
+        heapq.heappush(self._heads, (head.ts_ms, rank, tp.partition, head.offset, tp))
+
+    def _caught_up(self, tp: TopicPartition) -> bool:
+        consumer = self._consumers[tp]
+        highwater = consumer.highwater(tp)
+        if highwater is None:
+            return False
+        try:
+            return consumer.position(tp, timeout_ms=0) >= highwater
+        except KafkaError:
+            return False
+
+    def _blocked(self) -> bool:
+        """True while some assigned partition may still hold an earlier event than every buffered one."""
+        return any(not self._queues[tp] and not self._caught_up(tp) for tp in self._queues)
+
+    # ------------------------------------------------------------------ apply
+    def _release(self) -> int:
+        applied = 0
+        while self._heads and not self._blocked():
+            _, _, _, _, tp = heapq.heappop(self._heads)
+            queue = self._queues[tp]
+            item = queue.popleft()
+            self._buffered -= 1
+            if queue:
+                self._push_head(tp)
+            self._next[tp] = item.offset + 1
+            if item.event is not None:
+                self._apply(tp, item.event)
+                applied += 1
+        return applied
+
+    def _apply(self, tp: TopicPartition, event: Event) -> None:
+        self.metrics.events.labels(tp.topic).inc()
+        duplicates = self.builder.stats.duplicates
+        example = self.builder.add(event)
+        if self.builder.stats.duplicates != duplicates:
+            self.metrics.duplicates.inc()
+        if example is not None:
+            self.pending.append(example)
+            if len(self.pending) >= self.settings.batch_size:
+                self._train()
+
+    def _train(self) -> None:
+        batch, self.pending = self.pending, []
+        with self.metrics.sgd_seconds.time():
+            self.learner.learn_batch(batch)
+        self.metrics.examples.inc(len(batch))
+        if self.learner.batches % self.settings.expire_every_batches == 0:
+            self.learner.expire(self.builder.watermark_ms)
+            self.builder.expire()
+
+    # ------------------------------------------------------------------ checkpoint
+    def _offsets(self) -> dict[str, int]:
+        offsets = dict(self._stored_offsets)
+        for tp, nxt in self._next.items():
+            if nxt >= 0:
+                offsets[_tp_key(tp)] = nxt
+        return offsets
+
+    def checkpoint(self) -> None:
+        """Make state, offsets and the unfinished mini-batch durable in one atomic write."""
+        self._resolve_positions()
+        self.learner.flush()
+        self.checkpoints += 1
+        self._log_changes()
+        meta = {
+            "checkpoints": self.checkpoints,
+            "watermark_ms": self.builder.watermark_ms,
+            "model_version": self.model_version,
+            "pending": [asdict(e) for e in self.pending],
+            "builder": asdict(self.builder.stats),
+            **self.learner.meta(),
+        }
+        offsets = self._offsets()
+        self.state.checkpoint(offsets, meta)
+        self._stored_offsets = offsets
+        self._last_checkpoint = time.monotonic()
+        self.metrics.checkpoint.set(time.time())
+        self._update_gauges()
+        self._commit_group(offsets)
+
+    def _resolve_positions(self) -> None:
+        # A partition never read from has no offset of its own yet: its consumer position is where it starts.
+        for tp, nxt in self._next.items():
+            if nxt < 0 and not self._queues[tp]:
+                try:
+                    self._next[tp] = self._consumers[tp].position(tp, timeout_ms=0)
+                except KafkaError:
+                    pass
+            elif nxt < 0:
+                self._next[tp] = self._queues[tp][0].offset
+
+    def _log_changes(self) -> None:
+        """Record which users and items changed in this checkpoint, for the publisher to pick up."""
+        seq = b"x:%016x:" % self.checkpoints
+        users = self.learner.users.changed | self.builder.changed_users
+        for ident in users:
+            self.state.put(seq + b"u:" + ident.encode(), b"")
+        for ident in self.learner.items.changed:
+            self.state.put(seq + b"i:" + ident.encode(), b"")
+        self.learner.users.changed.clear()
+        self.learner.items.changed.clear()
+        self.builder.changed_users.clear()
+        old = self.checkpoints - self.settings.change_log_checkpoints
+        if old > 0:
+            for key, _ in self.state.scan(b"x:%016x:" % old):
+                self.state.delete(key)
+
+    def _commit_group(self, offsets: dict[str, int]) -> None:
+        commit = {
+            tp: OffsetAndMetadata(offsets[_tp_key(tp)], "", -1)
+            for tp in self._group.assignment()
+            if _tp_key(tp) in offsets
+        }
+        if commit:
+            try:
+                self._group.commit_async(commit)
+            except KafkaError as exc:
+                logger.info("group offset commit skipped: %s", exc)
+
+    def _update_gauges(self) -> None:
+        self.metrics.watermark.set(self.builder.watermark_ms / 1000)
+        self.metrics.rows.labels("user").set(len(self.learner.users))
+        self.metrics.rows.labels("item").set(len(self.learner.items))
+        self.metrics.buffered.set(self._buffered)
+        for tp, consumer in self._consumers.items():
+            highwater = consumer.highwater(tp)
+            if highwater is not None and self._next.get(tp, -1) >= 0:
+                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - self._next[tp]))
+
+    # ------------------------------------------------------------------ loop
+    def _backpressure(self) -> None:
+        """Stop fetching partitions that already hold a lot while the merge waits on others."""
+        limit = max(1, self.settings.max_buffered_events // max(1, len(self._queues)))
+        for tp, queue in self._queues.items():
+            if len(queue) > limit and tp not in self._paused:
+                self._consumers[tp].pause(tp)
+                self._paused.add(tp)
+            elif len(queue) <= limit // 2 and tp in self._paused:
+                self._consumers[tp].resume(tp)
+                self._paused.discard(tp)
+
+    def idle(self) -> bool:
+        return self._buffered == 0 and all(self._caught_up(tp) for tp in self._queues)
+
+    def run(self, stop: threading.Event, *, exit_when_idle_s: float | None = None) -> None:
+        """Fetch, merge, apply, checkpoint until ``stop`` is set; SIGTERM-safe (checkpoints on the way out)."""
+        try:
+            while not stop.is_set():
+                if not self._assigned_items:
+                    self._assign_catalogue()
+                fetched = self._fetch(timeout_ms=50 if self._buffered else 200)
+                if not self._group.assignment():
+                    continue  # do not apply the catalogue ahead of user partitions that are not assigned yet
+                if self._release():
+                    self._last_applied = time.monotonic()
+                self._backpressure()
+                now = time.monotonic()
+                quiet = now - self._last_applied
+                if self.pending and fetched == 0 and quiet >= self.settings.idle_flush_s and self.idle():
+                    self._train()  # nothing more is coming for now: do not hold clicks back from the model
+                if now - self._last_checkpoint >= self.settings.checkpoint_interval_s:
+                    self.checkpoint()
+                if exit_when_idle_s is not None and not self.pending and quiet >= exit_when_idle_s and self.idle():
+                    break
+                self._update_gauges()
+            self.checkpoint()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for closer in (self._group.close, self._catalogue.close, self._dlq.close, self.state.close):
+            try:
+                closer()
+            except Exception:  # closing after a broker outage may fail; the checkpoint already made it
+                logger.debug("close failed", exc_info=True)
+
+    def summary(self) -> dict:
+        return {
+            "checkpoints": self.checkpoints,
+            "watermark_ms": self.builder.watermark_ms,
+            "examples": self.learner.examples,
+            "batches": self.learner.batches,
+            "user_rows": len(self.learner.users),
+            "item_rows": len(self.learner.items),
+            "offsets": json.loads(json.dumps(self._offsets())),
+        }

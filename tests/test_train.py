@@ -1,0 +1,188 @@
+"""Training epochs (every objective, logQ, negatives, SSL, warm start) and the retriever on small synthetic worlds."""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import cache
+
+import numpy as np
+import pytest
+import torch
+
+from streaming.sources.synthetic import DAY_MS, SyntheticWorld, WorldConfig
+from trainer.dataset import Dataset
+from trainer.features import ClickHistory, FeatureEncoder
+from trainer.losses import listwise_loss
+from trainer.metrics import ranking_metrics
+from trainer.model import ModelConfig, TwoTowerModel
+from trainer.peers import Popularity
+from trainer.retriever import TwoTowerRetriever
+from trainer.train import TrainConfig, train_epoch
+
+MODEL = ModelConfig(dim=16, id_dim=16, embedding_dim=8, hidden=(32,))
+TRAIN = TrainConfig(batch_size=64, ssl_batch=32)
+WORLD = WorldConfig(seed=3, n_users=200, n_items=300, n_categories=8, n_tags=40, days=2.0, requests_per_day=1500.0)
+
+
+@cache
+def world_events() -> tuple:
+    return tuple(SyntheticWorld(WORLD).events())
+
+
+def dataset() -> Dataset:
+    return Dataset.from_events(world_events())
+
+
+def held_out_loss(model: TwoTowerModel, encoder: FeatureEncoder, ds: Dataset, n: int = 256) -> float:
+    """Listwise loss (no logQ) of the first ``n`` clicks as one batch: a fixed yardstick outside train_epoch."""
+    positions = np.arange(min(n, len(ds.clicks)))
+    history = ClickHistory(ds.clicks, encoder.item_vocab).at_clicks(positions, MODEL.last_n)
+    users = encoder.encode_users(ds.clicks.user[positions].tolist(), ds.users, history)
+    items = encoder.encode_items(ds.clicks.item[positions].tolist(), ds.items)
+    ids = torch.from_numpy(encoder.item_vocab.lookup(ds.clicks.item[positions].tolist()))
+    with torch.no_grad():
+        loss = listwise_loss(
+            model.user_vectors(users), model.item_vectors(items), temperature=model.config.temperature, pos_ids=ids
+        )
+    return float(loss.mean())
+
+
+def test_one_epoch_lowers_the_loss() -> None:
+    torch.set_num_threads(1)
+    ds = dataset()
+    encoder = FeatureEncoder.fit(ds, last_n=MODEL.last_n)
+    model = TwoTowerModel(encoder, MODEL)
+    before = held_out_loss(model, encoder, ds)
+    stats = train_epoch(model, encoder, ds, TRAIN, progress=False)
+    after = held_out_loss(model, encoder, ds)
+    assert stats.examples == len(ds.clicks) and stats.skipped == 0
+    assert stats.steps == -(-len(ds.clicks) // TRAIN.batch_size)
+    assert after < before - 0.3, (before, after)
+    assert stats.last_loss < stats.first_loss
+    assert stats.ssl_loss > 0  # the self-supervised term ran
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"objective": "listwise"},
+        {"objective": "listwise", "logq": False},
+        {"objective": "listwise", "easy_negatives": 32, "hard_fraction": 0.5},
+        {"objective": "pointwise", "negative_ratio": 3},
+        {"objective": "pairwise_hinge", "hard_fraction": 0.5},
+        {"objective": "pairwise_logistic", "ssl_weight": 0.0},
+        {"objective": "listwise", "hot_item_threshold": 1e-2, "id_dropout": 0.1, "ssl_method": "rfm"},
+    ],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_each_objective_trains_without_nan(changes: dict) -> None:
+    torch.set_num_threads(1)
+    ds = dataset()
+    encoder = FeatureEncoder.fit(ds, last_n=MODEL.last_n)
+    model = TwoTowerModel(encoder, MODEL)
+    before = held_out_loss(model, encoder, ds)
+    stats = train_epoch(model, encoder, ds, dataclasses.replace(TRAIN, **changes), progress=False)
+    assert np.isfinite([stats.mean_loss, stats.first_loss, stats.last_loss, stats.main_loss]).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    # Whatever the objective, the model moved towards ranking clicked items first.
+    assert held_out_loss(model, encoder, ds) < before
+
+
+def test_logq_changes_the_training_loss_but_both_run() -> None:
+    ds = dataset()
+    encoder = FeatureEncoder.fit(ds, last_n=MODEL.last_n)
+    on = train_epoch(TwoTowerModel(encoder, MODEL), encoder, ds, TRAIN, progress=False)
+    off = train_epoch(TwoTowerModel(encoder, MODEL), encoder, ds, dataclasses.replace(TRAIN, logq=False), progress=False)
+    # Same seed, same init, same first batch: only the -log p_j term differs.
+    assert on.first_loss != pytest.approx(off.first_loss, abs=1e-3)
+    assert np.isfinite([on.mean_loss, off.mean_loss]).all()
+
+
+def test_hot_item_down_sampling_drops_positives() -> None:
+    ds = dataset()
+    encoder = FeatureEncoder.fit(ds, last_n=MODEL.last_n)
+    stats = train_epoch(
+        TwoTowerModel(encoder, MODEL), encoder, ds, dataclasses.replace(TRAIN, hot_item_threshold=1e-3), progress=False
+    )
+    assert 0 < stats.examples < len(ds.clicks)
+
+
+def test_training_is_deterministic_for_a_seed() -> None:
+    ds = dataset()
+    encoder = FeatureEncoder.fit(ds, last_n=MODEL.last_n)
+    config = dataclasses.replace(TRAIN, easy_negatives=16)
+    states = []
+    for seed in (0, 0, 1):
+        model = TwoTowerModel(encoder, MODEL)
+        train_epoch(model, encoder, ds, dataclasses.replace(config, seed=seed), progress=False)
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])
+
+
+def test_warm_start_gives_a_lower_initial_loss_and_skips_unknown_items() -> None:
+    ds = dataset()
+    cut = WORLD.start_ms + DAY_MS
+    day1, day2 = ds.between(None, cut), ds.between(cut, None)
+    encoder1 = FeatureEncoder.fit(day1, last_n=MODEL.last_n)
+    warm = TwoTowerModel(encoder1, MODEL)
+    for epoch in range(2):
+        train_epoch(warm, encoder1, day1, TRAIN, progress=False, epoch=epoch)
+
+    # Without extending the encoder, clicks on items created on day 2 cannot be trained on.
+    unknown = train_epoch(TwoTowerModel(encoder1, MODEL), encoder1, day2, TRAIN, progress=False)
+    assert unknown.skipped > 0 and unknown.examples == len(day2.clicks) - unknown.skipped
+
+    encoder2 = encoder1.extend(day2)
+    warm.resize(encoder2)
+    warm_stats = train_epoch(warm, encoder2, day2, TRAIN, progress=False)
+    cold_stats = train_epoch(TwoTowerModel(encoder2, MODEL), encoder2, day2, TRAIN, progress=False)
+    assert warm_stats.skipped == cold_stats.skipped == 0
+    assert warm_stats.first_loss < cold_stats.first_loss - 0.3, (warm_stats.first_loss, cold_stats.first_loss)
+
+
+def test_config_is_validated() -> None:
+    with pytest.raises(ValueError, match="negative_ratio"):
+        TrainConfig(negative_ratio=4)
+    with pytest.raises(ValueError, match="objective"):
+        TrainConfig(objective="softmax")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="hard_fraction"):
+        TrainConfig(hard_fraction=1.5)
+
+
+def test_retriever_excludes_training_clicks_and_items_created_later() -> None:
+    ds = dataset()
+    cut = WORLD.start_ms + DAY_MS
+    train = ds.between(None, cut + DAY_MS)  # the catalogue holds every item created before the end
+    retriever = TwoTowerRetriever(MODEL, TRAIN, epochs=1)
+    retriever.fit(train)
+    users = sorted(set(train.clicks.user.tolist()))[:20]
+    recs = retriever.recommend(users, 30, cut)
+    clicked = {u: set(train.clicks.item[train.clicks.user == u].tolist()) for u in users}
+    for user, items in zip(users, recs, strict=True):
+        assert len(items) == len(set(items)) == 30
+        assert not set(items) & clicked[user]
+        assert all(train.items[i].created_ms < cut for i in items)
+    ids, vectors = retriever.item_vectors(cut)
+    assert vectors.shape == (len(ids), MODEL.dim)
+    assert len(ids) == sum(1 for it in train.items.values() if it.created_ms < cut)
+    assert retriever.user_vectors(users, cut).shape == (20, MODEL.dim)
+
+
+def test_retriever_beats_popularity_on_a_synthetic_world() -> None:
+    torch.set_num_threads(1)
+    ds = dataset()
+    cut = WORLD.start_ms + int(1.5 * DAY_MS)
+    train, test = ds.between(None, cut), ds.between(cut, None).clicks
+    seen = set(zip(train.clicks.user.tolist(), train.clicks.item.tolist(), strict=True))
+    warm = set(train.clicks.user.tolist())
+    relevant: dict[str, set[str]] = {}
+    for user, item in zip(test.user.tolist(), test.item.tolist(), strict=True):
+        if user in warm and (user, item) not in seen:
+            relevant.setdefault(user, set()).add(item)
+    users = sorted(relevant)
+    scores = {}
+    for name, model in (("two_tower", TwoTowerRetriever(MODEL, TRAIN, epochs=3)), ("popularity", Popularity())):
+        model.fit(train)
+        scores[name] = ranking_metrics(model.recommend(users, 50, cut), [relevant[u] for u in users], (50,), (20,))
+    assert scores["two_tower"]["recall@50"] > 1.2 * scores["popularity"]["recall@50"], scores

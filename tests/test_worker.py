@@ -1,0 +1,153 @@
+"""The streaming worker against the real broker: frozen dense layers, dynamic ID tables, broker restarts."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from streaming.events import Click, Impression, Item
+from streaming.settings import KafkaSettings
+from streaming.topics import ensure_topics
+from streaming.worker import Worker, WorkerSettings
+from tests.conftest import Broker, free_port
+from tests.worker_fixtures import produce, register_model, split_world
+from trainer.artifact import load_version
+
+pytestmark = pytest.mark.kafka
+
+
+def run_to_idle(worker: Worker, idle_s: float = 1.5, timeout_s: float = 120) -> None:
+    stop = threading.Event()
+    timer = threading.Timer(timeout_s, stop.set)  # a safety net: the test then fails on its assertions
+    timer.start()
+    try:
+        worker.run(stop, exit_when_idle_s=idle_s)
+    finally:
+        timer.cancel()
+
+
+@pytest.fixture(scope="module")
+def world_split():
+    return split_world()
+
+
+def test_dense_layers_stay_bit_identical_while_touched_id_rows_move(kafka_settings, tmp_path, world_split):
+    world, day_one, day_two = world_split
+    registry = register_model(tmp_path / "models", day_one)
+    version = load_version(registry.path("v1"))
+    dense_before = [p.detach().clone() for p in version.model.dense_parameters()]
+    ids_before = [p.detach().clone() for p in version.model.id_embedding_parameters()]
+    produce(kafka_settings, day_two)
+
+    settings = WorkerSettings(state_dir=tmp_path / "state", group_id=f"w-{uuid.uuid4().hex[:8]}", batch_size=64)
+    worker = Worker(kafka_settings, settings, version.model, version.encoder, model_version="v1")
+    run_to_idle(worker)
+
+    clicks = [e for e in day_two if isinstance(e, Click)]
+    assert worker.builder.stats.clicks == len(clicks)
+    assert worker.learner.examples == len(clicks)  # the idle flush trained the last partial batch too
+    # Dense parameters: bit for bit what the full model shipped.
+    dense_after = version.model.dense_parameters()
+    assert len(dense_after) == len(dense_before) > 0
+    assert all(torch.equal(a, b) for a, b in zip(dense_before, dense_after, strict=True))
+    # The model's own ID tables are untouched too: online rows live beside them.
+    assert all(torch.equal(a, b) for a, b in zip(ids_before, version.model.id_embedding_parameters(), strict=True))
+    # Touched rows moved away from their starting point.
+    users_vocab = version.encoder.user_vocab
+    clicked_users = sorted({c.user_id for c in clicks if c.user_id in users_vocab})
+    base = ids_before[0].numpy()
+    moved = [not np.allclose(worker.learner.users.row(u), base[users_vocab.index(u)]) for u in clicked_users]
+    assert len(moved) > 50 and all(moved)
+
+
+def test_new_ids_get_rows_train_and_expire_within_the_bound(kafka_settings, tmp_path, world_split):
+    _, day_one, _ = world_split
+    registry = register_model(tmp_path / "models", day_one)
+    version = load_version(registry.path("v1"))
+    start = day_one[-1].ts_ms + 1000
+    hour = 3_600_000
+    events = [Item(f"new-i{j}", "c0", ("t1",), {}, start, start) for j in range(20)]
+    # 300 users the model never saw, two clicks each (admission needs 2), one user every minute;
+    # each click is on one of 20 new items.
+    for k in range(300):
+        ts = start + k * 60_000
+        for rep in range(2):
+            request = f"r{k}-{rep}"
+            item = f"new-i{(k + rep) % 20}"
+            events.append(Impression(f"new-u{k}", item, request, 0, ts + rep))
+            events.append(Click(f"new-u{k}", item, request, ts + rep + 1))
+    produce(kafka_settings, events)
+
+    max_rows, idle_ms = 60, 2 * hour
+    settings = WorkerSettings(
+        state_dir=tmp_path / "state",
+        group_id=f"w-{uuid.uuid4().hex[:8]}",
+        batch_size=16,
+        min_count=2,
+        max_rows=max_rows,
+        idle_ms=idle_ms,
+        expire_every_batches=1,
+    )
+    worker = Worker(kafka_settings, settings, version.model, version.encoder, model_version="v1")
+    run_to_idle(worker)
+
+    users = worker.learner.users
+    assert worker.learner.examples == 600
+    assert users.peak_rows == max_rows  # the bound was reached and held: eviction, not growth
+    default = version.model.user_tower.id_table.weight[0].detach().numpy()
+    # The newest users were admitted on their second click, got a row, and it trained away from the default.
+    assert "new-u299" in users and not np.allclose(users.row("new-u299"), default)
+    # Users idle for more than 2 h of event time (every one but the last ~2 h) expired back to the default row.
+    assert "new-u0" not in users and np.allclose(users.row("new-u0"), default)
+    live = [k for k in range(300) if f"new-u{k}" in users]
+    assert live and min(live) >= 300 - 2 * 60 - 1
+    # New items were admitted too (they are clicked again and again) and stay within the bound.
+    assert 0 < len(worker.learner.items) <= max_rows
+
+
+def test_worker_finishes_the_stream_across_a_broker_restart(tmp_path, world_split):
+    _, day_one, day_two = world_split
+    broker = Broker(free_port(), free_port(), tmp_path / "kafka")
+    broker.start()
+    try:
+        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap, topic_prefix="restart.")
+        ensure_topics(kafka)
+        registry = register_model(tmp_path / "models", day_one)
+        version = load_version(registry.path("v1"))
+        half = len(day_two) // 2
+        produce(kafka, day_two[:half])
+        settings = WorkerSettings(state_dir=tmp_path / "state", group_id="w-restart", batch_size=64)
+        worker = Worker(kafka, settings, version.model, version.encoder, model_version="v1")
+        stop = threading.Event()
+        thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+        thread.start()
+
+        clicks = [e for e in day_two if isinstance(e, Click)]
+        first_half = sum(1 for e in day_two[:half] if isinstance(e, Click))
+        _wait(lambda: worker.builder.stats.clicks >= first_half // 2, 60, "the worker to make progress")
+        broker.stop()
+        time.sleep(2)  # the worker polls a dead broker meanwhile
+        assert thread.is_alive()
+        broker.start()
+        produce(kafka, day_two[half:])
+        _wait(lambda: worker.learner.examples == len(clicks), 120, "every click to be trained")
+        stop.set()
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        assert worker.builder.stats.clicks == len(clicks)
+        assert worker.builder.stats.impressions == sum(1 for e in day_two if isinstance(e, Impression))
+    finally:
+        broker.stop()
+
+
+def _wait(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)

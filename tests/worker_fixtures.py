@@ -1,0 +1,60 @@
+"""Helpers for the streaming-worker tests: a registered model version and a produced stream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from streaming.events import Event
+from streaming.producer import EventProducer
+from streaming.settings import KafkaSettings
+from streaming.sources.synthetic import SyntheticWorld, WorldConfig
+from streaming.state import StateStore
+from trainer.artifact import make_version, save_version
+from trainer.dataset import Dataset
+from trainer.features import FeatureEncoder
+from trainer.model import ModelConfig, TwoTowerModel
+from trainer.registry import Registry
+
+WORLD = WorldConfig(seed=3, n_users=400, n_items=500, days=2.0, requests_per_day=4000, new_items_per_day=100)
+
+
+def split_world(config: WorldConfig = WORLD) -> tuple[SyntheticWorld, list[Event], list[Event]]:
+    """Day one (what the full model saw) and day two (the stream)."""
+    world = SyntheticWorld(config)
+    events = list(world.events())
+    cut = config.start_ms + 86_400_000
+    return world, [e for e in events if e.ts_ms < cut], [e for e in events if e.ts_ms >= cut]
+
+
+def register_model(root: Path, day_one: list[Event]) -> Registry:
+    """A promoted (untrained) model version whose vocabularies come from day one."""
+    dataset = Dataset.from_events(day_one)
+    encoder = FeatureEncoder.fit(dataset)
+    model = TwoTowerModel(encoder, ModelConfig(dim=16, id_dim=16, embedding_dim=8, hidden=(32,)))
+    registry = Registry(root)
+    cutoff = int(dataset.clicks.ts_ms.max())
+    version = make_version(
+        model, encoder, dataset.items, version_id="v1", parent=None, data_range=(0, cutoff + 1), data_cutoff_ms=cutoff
+    )
+    with registry.new_version("v1") as staging:
+        save_version(staging, version)
+    registry.promote("v1")
+    return registry
+
+
+def produce(settings: KafkaSettings, events: list[Event]) -> None:
+    with EventProducer(settings) as producer:
+        producer.send_all(events)
+
+
+def read_state(path: Path) -> dict[str, object]:
+    """Everything a worker made durable, decoded for comparison."""
+    store = StateStore(path)
+    try:
+        rows = {k.decode(): np.frombuffer(v, dtype=np.float32, offset=20).copy() for k, v in store.scan(b"t:")}
+        counts = {k.decode(): v for prefix in (b"c:", b"e:", b"n:", b"p:") for k, v in store.scan(prefix)}
+        return {"rows": rows, "counts": counts, "offsets": store.offsets(), "meta": store.meta()}
+    finally:
+        store.close()

@@ -1,0 +1,455 @@
+"""``python -m trainer eval``: offline evaluation of the two-tower retriever against simple peers.
+
+The protocol (design brief, "Quality is measured, not assumed"):
+
+1. Build a :class:`~trainer.dataset.Dataset` from a source: the synthetic world or MovieLens-100K.
+2. Split by time (:func:`temporal_split`): every model learns from the clicks before the cut and is asked, at the
+   cut, for the top K items of each user; the clicks from the cut to the end are the test set.
+   - synthetic: the test period is the world's last day;
+   - ml100k: the test period is the last 10% of clicks, a global time quantile (a month of MovieLens-100K holds
+     anywhere from ~10k to ~18k ratings, so a fixed number of days would give a test set of unpredictable size).
+     Most ratings in that period come from users who joined during it, so only ~90 users are warm test users:
+     read ``recall@K_se`` (standard error over users) before reading a difference between two models.
+   A test (user, item) pair the user already clicked in training is dropped: every model excludes training-seen
+   items from its list, so keeping them would only count unreachable targets. Repeated test clicks on one item
+   count once. Test users without a training click ("cold" users) are skipped and counted in the split summary:
+   the peers know nothing about them and the question here is how well a model uses a history.
+   Test items that never appear in training stay in the test set (fresh items are part of the job); the split
+   summary says how many there are.
+3. Fit every model, score Recall@{10,20,50}, NDCG@{10,20} and head / tail Recall@{20,50}
+   (:mod:`trainer.metrics`; head = the top 20% of the training catalogue by training clicks).
+4. Print a markdown table and write JSON, markdown and a PNG bar plot (defaults under ``runs/eval-<dataset>/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from trainer.dataset import Dataset
+from trainer.metrics import head_items, ranking_metrics
+from trainer.peers import ALS, ItemCF, Popularity, Recommender
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "EvalConfig",
+    "TemporalSplit",
+    "add_parser",
+    "evaluate_models",
+    "load_dataset",
+    "markdown_table",
+    "plot_metrics",
+    "run",
+    "temporal_split",
+]
+
+logger = logging.getLogger(__name__)
+
+DAY_MS = 86_400_000
+DEFAULT_MODELS = ("two_tower", "als", "itemcf", "popularity", "popularity_recent")
+RECENT_HALF_LIFE_DAYS = 3.0  # picked on the validation periods described in trainer.peers.ALS
+RECALL_KS = (10, 20, 50)
+NDCG_KS = (10, 20)
+SPLIT_KS = (20, 50)
+HEAD_FRACTION = 0.2
+PLOT_METRICS = ("recall@20", "ndcg@20", "head_recall@20", "tail_recall@20")
+TABLE_METRICS = (
+    "recall@10",
+    "recall@20",
+    "recall@50",
+    "ndcg@10",
+    "ndcg@20",
+    "head_recall@20",
+    "tail_recall@20",
+    "head_recall@50",
+    "tail_recall@50",
+    "coverage@50",
+)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What one ``eval`` run does. ``quick``: a small synthetic world and short training, for tests and CI."""
+
+    dataset: str = "synthetic"
+    models: tuple[str, ...] = DEFAULT_MODELS
+    ablations: bool = False
+    quick: bool = False
+    seed: int = 0
+    data_dir: Path = Path("data")
+    ml100k_test_fraction: float = 0.1
+    min_rating: float = 0.0
+    epochs: int | None = None  # two-tower epochs; None: 2 with quick, else the retriever's default
+
+
+@dataclass(frozen=True)
+class TemporalSplit:
+    """Train on the past, test on the next period.
+
+    ``users`` are the warm test users (sorted) and ``relevant[i]`` the test items of ``users[i]``; ``head`` the
+    head items of the training catalogue (:func:`trainer.metrics.head_items`); ``info`` describes the split for
+    the JSON report.
+    """
+
+    train: Dataset
+    users: list[str]
+    relevant: list[set[str]]
+    cut_ms: int
+    head: frozenset[str]
+    info: dict[str, Any]
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="seconds")
+
+
+def temporal_split(
+    dataset: Dataset,
+    cut_ms: int,
+    end_ms: int | None = None,
+    rule: str = "",
+    head_fraction: float = HEAD_FRACTION,
+    source: dict[str, Any] | None = None,
+) -> TemporalSplit:
+    """Train = clicks with ``ts < cut_ms``; test = clicks with ``cut_ms <= ts < end_ms`` (``None``: to the end).
+
+    Test pairs the user clicked in training are dropped, duplicates count once, users without a training click
+    are skipped (counted in ``info``). ``rule`` (how the cut was chosen) and ``source`` (how the data was made)
+    are copied into ``info`` for the report.
+    """
+    train = dataset.between(None, cut_ms)
+    test = dataset.between(cut_ms, end_ms).clicks
+    if len(train.clicks) == 0 or len(test) == 0:
+        raise ValueError(
+            f"cut at {_iso(cut_ms)} leaves {len(train.clicks)} training and {len(test)} test clicks; expected both > 0"
+        )
+    seen = set(zip(train.clicks.user.tolist(), train.clicks.item.tolist(), strict=True))
+    warm = set(train.clicks.user.tolist())
+    trained_items = set(train.clicks.item.tolist())
+    per_user: dict[str, set[str]] = {}
+    cold: dict[str, set[str]] = {}
+    dropped = 0
+    for user, item in set(zip(test.user.tolist(), test.item.tolist(), strict=True)):
+        if (user, item) in seen:
+            dropped += 1
+        elif user in warm:
+            per_user.setdefault(user, set()).add(item)
+        else:
+            cold.setdefault(user, set()).add(item)
+    users = sorted(per_user)
+    relevant = [per_user[u] for u in users]
+    n_pairs = sum(len(r) for r in relevant)
+    catalogue = set(train.items) | trained_items
+    head = frozenset(head_items(train.click_counts(), catalogue, head_fraction))
+    info = {
+        "rule": rule,
+        "cut_ms": int(cut_ms),
+        "cut": _iso(cut_ms),
+        "end_ms": None if end_ms is None else int(end_ms),
+        "train_clicks": len(train.clicks),
+        "train_users": len(warm),
+        "train_items_clicked": len(trained_items),
+        "catalogue_items": len(catalogue),
+        "head_fraction": head_fraction,
+        "head_items": len(head),
+        "test_clicks": len(test),
+        "test_pairs_seen_in_train_dropped": dropped,
+        "test_users": len(users),
+        "test_pairs": n_pairs,
+        "test_pairs_new_item": sum(1 for r in relevant for i in r if i not in trained_items),
+        "cold_test_users_skipped": len(cold),
+        "cold_test_pairs_skipped": sum(len(r) for r in cold.values()),
+        "test_pairs_head_item": sum(1 for r in relevant for i in r if i in head),
+        "source": dict(source or {}),
+    }
+    logger.info(
+        "split %s: %d train clicks, %d test users, %d test pairs (%d cold users skipped)",
+        rule or _iso(cut_ms),
+        len(train.clicks),
+        len(users),
+        n_pairs,
+        len(cold),
+    )
+    return TemporalSplit(train, users, relevant, int(cut_ms), head, info)
+
+
+def _synthetic_world_config(quick: bool, seed: int) -> Any:
+    from streaming.sources.synthetic import WorldConfig
+
+    if quick:
+        # ~4 s to generate on one core: 4 days, 1k users, 1.5k items, ~15k clicks.
+        return WorldConfig(seed=seed, n_users=1000, n_items=1500, days=4.0, requests_per_day=4000.0)
+    # ~25 s to generate: 8 days, 2k users, 4.2k items, ~175k clicks.
+    return WorldConfig(seed=seed, days=8.0)
+
+
+def load_dataset(config: EvalConfig) -> TemporalSplit:
+    """Build the dataset named by ``config.dataset`` and split it by time (see the module docstring)."""
+    if config.dataset == "synthetic":
+        from streaming.sources.synthetic import SyntheticWorld
+
+        world_config = _synthetic_world_config(config.quick, config.seed)
+        world = SyntheticWorld(world_config)
+        dataset = Dataset.from_events(world.events())
+        cut = world.end_ms() - DAY_MS
+        rule = "synthetic: train before the last day, test on the last day"
+        return temporal_split(dataset, cut, None, rule=rule, source={"world": dataclasses.asdict(world_config)})
+    if config.dataset == "ml100k":
+        from streaming.sources.movielens import MovieLens100K, fetch
+
+        root = fetch(config.data_dir)
+        dataset = Dataset.from_events(MovieLens100K(root).events(min_rating=config.min_rating))
+        ts = dataset.clicks.ts_ms
+        q = 1.0 - config.ml100k_test_fraction
+        # The first click at or after the quantile time: everything from it on is test, so ties are never split.
+        cut = int(ts[min(int(np.floor(q * len(ts))), len(ts) - 1)])
+        rule = f"ml100k: test = last {config.ml100k_test_fraction:.0%} of clicks by time (ratings >= {config.min_rating:g})"
+        source = {"root": str(root), "min_rating": config.min_rating, "test_fraction": config.ml100k_test_fraction}
+        return temporal_split(dataset, cut, None, rule=rule, source=source)
+    raise ValueError(f"unknown dataset {config.dataset!r}; expected 'synthetic' or 'ml100k'")
+
+
+def _two_tower_factories(config: EvalConfig) -> dict[str, Callable[[], Recommender]]:
+    """The two-tower retriever and, with ``ablations``, its variants, each under its JSON name."""
+    from trainer.model import ModelConfig
+    from trainer.retriever import DEFAULT_EPOCHS, TwoTowerRetriever
+    from trainer.train import TrainConfig
+
+    epochs = config.epochs or (2 if config.quick else DEFAULT_EPOCHS)
+    model_config = ModelConfig(seed=config.seed)
+    base = TrainConfig(seed=config.seed)
+
+    def make(name: str, train_config: TrainConfig) -> Callable[[], Recommender]:
+        return lambda: TwoTowerRetriever(model_config, train_config, epochs=epochs, name=name)
+
+    out = {"two_tower": make("two_tower", base)}
+    if config.ablations:
+        # The default is listwise, logQ on, SSL on, in-batch negatives only; each variant changes one thing.
+        easy = max(base.easy_negatives, base.batch_size)
+        variants = {
+            "two_tower[logq=off]": {"logq": False},
+            "two_tower[ssl=off]": {"ssl_weight": 0.0},
+            "two_tower[negatives=in_batch+easy]": {"easy_negatives": easy, "hard_fraction": 0.0},
+            "two_tower[negatives=in_batch+easy+hard]": {"easy_negatives": easy, "hard_fraction": 0.5},
+            "two_tower[objective=pointwise]": {"objective": "pointwise"},
+            "two_tower[objective=pairwise_hinge]": {"objective": "pairwise_hinge"},
+            "two_tower[objective=pairwise_logistic]": {"objective": "pairwise_logistic"},
+        }
+        for name, changes in variants.items():
+            out[name] = make(name, dataclasses.replace(base, **changes))
+    return out
+
+
+def build_models(config: EvalConfig) -> dict[str, Callable[[], Recommender]]:
+    """Factories for the requested models, keyed by the name they get in the report, in report order."""
+    peers: dict[str, Callable[[], Recommender]] = {
+        "als": lambda: ALS(seed=config.seed, iterations=10 if config.quick else 15),
+        "itemcf": ItemCF,
+        "popularity": Popularity,
+        "popularity_recent": lambda: Popularity(half_life_days=RECENT_HALF_LIFE_DAYS),
+    }
+    out: dict[str, Callable[[], Recommender]] = {}
+    for name in config.models:
+        if name == "two_tower":
+            out.update(_two_tower_factories(config))
+        elif name in peers:
+            out[name] = peers[name]
+        else:
+            raise ValueError(f"unknown model {name!r}; expected some of {', '.join(DEFAULT_MODELS)}")
+    return out
+
+
+def evaluate_models(models: dict[str, Callable[[], Recommender]], split: TemporalSplit) -> dict[str, dict[str, float]]:
+    """Fit each model on ``split.train``, ask for top ``max(K)`` at the cut and score it. Returns name → metrics.
+
+    The protocol says no model recommends what the user clicked in training; a model that does anyway is not
+    stopped (those slots simply miss) but warned about, and ``recommended_seen`` counts the offending slots.
+    """
+    train = split.train
+    catalogue_size = split.info["catalogue_items"]
+    depth = max(RECALL_KS + NDCG_KS + SPLIT_KS)
+    test_users = set(split.users)
+    seen: dict[str, set[str]] = {}
+    for user, item in zip(train.clicks.user.tolist(), train.clicks.item.tolist(), strict=True):
+        if user in test_users:
+            seen.setdefault(user, set()).add(item)
+    results: dict[str, dict[str, float]] = {}
+    for name, factory in (bar := tqdm(models.items(), desc="models", unit="model")):
+        bar.set_postfix_str(name)
+        model = factory()
+        t0 = time.perf_counter()
+        model.fit(train)
+        t1 = time.perf_counter()
+        recs = model.recommend(split.users, depth, split.cut_ms)
+        t2 = time.perf_counter()
+        metrics = ranking_metrics(recs, split.relevant, RECALL_KS, NDCG_KS, split.head, SPLIT_KS, catalogue_size)
+        metrics.update({"fit_s": round(t1 - t0, 2), "recommend_s": round(t2 - t1, 2)})
+        repeats = sum(len(seen[u].intersection(r)) for u, r in zip(split.users, recs, strict=True))
+        if repeats:
+            logger.warning(
+                "%s recommended %d training-seen (user, item) pairs; the protocol excludes them", name, repeats
+            )
+            metrics["recommended_seen"] = repeats
+        results[name] = metrics
+        logger.info(
+            "%s: recall@20 %.4f, ndcg@20 %.4f (fit %.1fs)", name, metrics["recall@20"], metrics["ndcg@20"], t1 - t0
+        )
+    return results
+
+
+def markdown_table(
+    results: dict[str, dict[str, float]],
+    metrics: Sequence[str] = TABLE_METRICS,
+    with_se: Sequence[str] = ("recall@20",),
+) -> str:
+    """One row per model, one column per metric, the best value of each column in bold.
+
+    Metrics in ``with_se`` also show ``± standard error`` when the results carry ``<metric>_se``.
+    """
+    best = {}
+    for m in metrics:
+        finite = [r[m] for r in results.values() if m in r and np.isfinite(r[m])]
+        best[m] = max(finite) if finite else None
+    lines = ["| model | " + " | ".join(metrics) + " | fit s |", "|---" * (len(metrics) + 2) + "|"]
+    for name, r in results.items():
+        cells = []
+        for m in metrics:
+            v = r.get(m, float("nan"))
+            cell = f"**{v:.4f}**" if v == best[m] else f"{v:.4f}"
+            if m in with_se and f"{m}_se" in r:
+                cell += f" ± {r[f'{m}_se']:.4f}"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('fit_s', float('nan')):.1f} |")
+    return "\n".join(lines)
+
+
+def plot_metrics(
+    results: dict[str, dict[str, float]], path: Path, title: str, metrics: Sequence[str] = PLOT_METRICS
+) -> None:
+    """One panel per metric, one horizontal bar per model (names stay readable with a dozen ablations).
+
+    A metric with a ``<metric>_se`` entry gets a ± 1 standard error whisker.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    y = np.arange(len(names))
+    colours = plt.get_cmap("tab20" if len(names) > 10 else "tab10")(np.arange(len(names)) % 20)
+    fig, axes = plt.subplots(
+        1, len(metrics), sharey=True, figsize=(3.2 * len(metrics) + 2.5, 0.32 * len(names) + 1.6), squeeze=False
+    )
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        values = np.array([results[n].get(metric, np.nan) for n in names], dtype=float)
+        errors = np.array([results[n].get(f"{metric}_se", np.nan) for n in names], dtype=float)
+        ax.barh(y, np.nan_to_num(values), color=colours, xerr=None if np.isnan(errors).all() else errors)
+        for row, v in enumerate(values):
+            ax.annotate("n/a" if np.isnan(v) else f"{v:.3f}", (0, row), xytext=(3, 0), textcoords="offset points",
+                        va="center", fontsize="x-small")  # fmt: skip
+        ax.set_title(metric)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].set_yticks(y, names)
+    axes[0][0].invert_yaxis()  # first model on top, as in the table
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``eval`` command: returns the process exit code."""
+    config = EvalConfig(
+        dataset=args.dataset,
+        models=tuple(m.strip() for m in args.models.split(",") if m.strip()),
+        ablations=args.ablations,
+        quick=args.quick,
+        seed=args.seed,
+        data_dir=Path(args.data_dir),
+        ml100k_test_fraction=args.test_fraction,
+        min_rating=args.min_rating,
+        epochs=args.epochs,
+    )
+    out_dir = Path("runs") / f"eval-{config.dataset}"
+    json_path = Path(args.json) if args.json else out_dir / "metrics.json"
+    md_path = Path(args.markdown) if args.markdown else out_dir / "metrics.md"
+    png_path = Path(args.plot) if args.plot else out_dir / "metrics.png"
+
+    factories = build_models(config)  # fails fast on an unknown model name, before the data is built
+    split = load_dataset(config)
+    results = evaluate_models(factories, split)
+
+    table = markdown_table(results)
+    print(table)
+    report = {
+        "dataset": config.dataset,
+        "quick": config.quick,
+        "seed": config.seed,
+        "split": split.info,
+        "models": results,
+    }
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    # NaN (a metric with no user to average over, e.g. head recall when no test item is head) is not JSON: null.
+    json_path.write_text(json.dumps(_nan_to_none(report), indent=2, allow_nan=False) + "\n")
+    summary = ", ".join(f"{k}={v}" for k, v in split.info.items() if k != "source")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(f"# Offline evaluation: {config.dataset}\n\nSplit: {summary}\n\n{table}\n")
+    plot_metrics(results, png_path, split.info["rule"])
+    logger.info("wrote %s, %s, %s", json_path, md_path, png_path)
+    return 0
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``eval`` on the ``python -m trainer`` command line."""
+    p = subparsers.add_parser(
+        "eval",
+        help="offline Recall/NDCG of the two-tower retriever and its peers on a temporal split",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    p.add_argument("--dataset", choices=("synthetic", "ml100k"), default="synthetic")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated subset of %(default)s")
+    p.add_argument(
+        "--ablations", action="store_true", help="also evaluate two-tower variants (logQ, SSL, negatives, objectives)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="a small synthetic world and short training (well under 2 minutes)"
+    )
+    p.add_argument("--json", help="metrics JSON (default runs/eval-<dataset>/metrics.json)")
+    p.add_argument("--markdown", help="markdown table (default runs/eval-<dataset>/metrics.md)")
+    p.add_argument("--plot", help="PNG bar plot (default runs/eval-<dataset>/metrics.png)")
+    p.add_argument(
+        "--data-dir", default="data", help="where MovieLens-100K is fetched and cached (default %(default)s)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="two-tower training epochs (default: 2 with --quick, else the retriever's default)",
+    )
+    p.add_argument("--test-fraction", type=float, default=0.1, help="ml100k: share of the latest clicks held out")
+    p.add_argument("--min-rating", type=float, default=0.0, help="ml100k: ratings below this are not clicks")
+    p.set_defaults(run=run)

@@ -1,0 +1,295 @@
+"""``python -m trainer full``: the nightly full retrain (DESIGN.md "Updating the model", seeds 000/001/003).
+
+1. Read one day of clicks from the event archive (default: the newest archived day before today, UTC, i.e.
+   yesterday when the archive is current), with the catalogue and user profiles as of that day's end (every
+   item and profile record up to then: the catalogue topics are compacted, so old items are not re-sent daily).
+2. Hold back the newest ``holdout_fraction`` of the day's clicks (by time) for the gate.
+3. Warm-start from the current version: its encoder extended with the new ids (old rows keep their index),
+   its weights for known rows, new rows starting at the default row; or a fresh model when there is none.
+4. Train ONE shuffled epoch on the rest, all parameters (``--nproc N``: data-parallel, :mod:`trainer.distributed`).
+5. Write a new version (parent = current; data cutoff = the newest click trained on, from which the online
+   learner replays), run the gate (:mod:`trainer.gate`) and promote it, or keep the current version and say why.
+
+Exit codes: 0 the candidate passed the gate (and was promoted unless ``--no-promote``); 2 bad arguments or
+settings; 3 the gate refused the candidate (it is kept as a non-current version for inspection) or training
+diverged (a NaN loss; no version is written); 4 no data
+(no archived day, or a day with fewer than 2 clicks).
+
+Settings (:class:`FullSettings`) come from defaults, the ``[full]`` table of the TOML file (``--config`` or
+``FRESHTOWER_CONFIG``), ``FRESHTOWER_<FIELD>`` environment variables and the flags, in that order. The TOML
+``[model]`` table configures a fresh model (a warm start keeps its parent's architecture) and ``[train]``
+the epoch (:class:`trainer.train.TrainConfig`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime as dt
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from streaming import archive
+from streaming.settings import SettingsError, load_settings
+from trainer.artifact import ModelVersion, load_version, make_version, new_version_id, save_version
+from trainer.dataset import Dataset
+from trainer.features import FeatureEncoder
+from trainer.gate import GateConfig, GateDecision, decide, holdout_split
+from trainer.model import ModelConfig, TwoTowerModel
+from trainer.registry import Registry
+from trainer.train import TrainConfig, TrainStats, train_epoch
+
+__all__ = [
+    "EXIT_NO_DATA",
+    "EXIT_PROMOTED",
+    "EXIT_REFUSED",
+    "EXIT_USAGE",
+    "FullResult",
+    "FullSettings",
+    "add_parser",
+    "load_day",
+    "pick_day",
+    "run",
+    "run_full",
+]
+
+logger = logging.getLogger(__name__)
+
+EXIT_PROMOTED = 0
+EXIT_USAGE = 2
+EXIT_REFUSED = 3
+EXIT_NO_DATA = 4
+DAY_MS = 86_400_000
+
+
+@dataclass(frozen=True)
+class FullSettings:
+    """Settings of one nightly run (section ``[full]``, variables ``FRESHTOWER_<FIELD>``).
+
+    ``day``: ``YYYY-MM-DD`` or None for the newest archived day before today (UTC). ``gate_margin`` /
+    ``gate_margin_mode``: see :mod:`trainer.gate`. ``keep_versions``: versions kept on disk besides the
+    current one, its parent and the rollback target.
+    """
+
+    archive_dir: Path = Path("data/archive")
+    models_dir: Path = Path("artifacts/models")
+    day: str | None = None
+    nproc: int = 1
+    holdout_fraction: float = 0.1
+    recall_k: int = 50
+    gate_margin: float = 0.01
+    gate_margin_mode: str = "absolute"
+    promote: bool = True
+    keep_versions: int = 5
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.nproc < 1:
+            raise SettingsError(f"nproc must be >= 1, got {self.nproc}")
+        if not 0.0 < self.holdout_fraction < 1.0:
+            raise SettingsError(f"holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
+        if self.day is not None:
+            try:
+                dt.date.fromisoformat(self.day)
+            except ValueError:
+                raise SettingsError(f"day must be YYYY-MM-DD, got {self.day!r}") from None
+        try:
+            GateConfig(self.recall_k, self.gate_margin, self.gate_margin_mode)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+
+    @property
+    def gate(self) -> GateConfig:
+        return GateConfig(self.recall_k, self.gate_margin, self.gate_margin_mode)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class FullResult:
+    """What a run did: the version written (None when there was no data), the gate's decision, the exit code."""
+
+    exit_code: int
+    version_id: str | None = None
+    parent: str | None = None
+    promoted: bool = False
+    decision: GateDecision | None = None
+    stats: TrainStats | None = None
+    message: str = ""
+
+
+def pick_day(root: Path, requested: str | None, today: dt.date | None = None) -> dt.date | None:
+    """The day to train on: ``requested`` if archived, else the newest archived day before ``today`` (UTC)."""
+    available = archive.days(root)
+    if requested is not None:
+        day = dt.date.fromisoformat(requested)
+        return day if day in available else None
+    today = today or dt.datetime.now(dt.UTC).date()
+    before = [d for d in available if d < today]
+    return before[-1] if before else None
+
+
+def _day_start_ms(day: dt.date) -> int:
+    return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+def load_day(root: Path, day: dt.date) -> Dataset:
+    """The day's clicks and impressions, with every item and profile record up to the day's end."""
+    end = _day_start_ms(day) + DAY_MS
+    state = archive.read_range(root, None, end, types={"item", "user"})
+    behaviour = archive.read_day(root, day, types={"click", "impression"})
+    return Dataset.from_events(itertools.chain(state, behaviour))
+
+
+def _warm_start(
+    parent: ModelVersion | None, train: Dataset, model_config: ModelConfig
+) -> tuple[TwoTowerModel, FeatureEncoder]:
+    if parent is None:
+        encoder = FeatureEncoder.fit(train, last_n=model_config.last_n)
+        logger.info("no current version: fresh model %s", model_config)
+        return TwoTowerModel(encoder, model_config), encoder
+    if parent.model_config != model_config:
+        logger.info("warm start keeps the parent's model config %s (configured: %s)", parent.model_config, model_config)
+    encoder = parent.encoder.extend(train)
+    # A copy: the parent object stays the current version that the gate compares against.
+    model = copy.deepcopy(parent.model).resize(encoder)
+    logger.info("warm start from %s: %s", parent.version_id, encoder.describe())
+    return model, encoder
+
+
+def run_full(settings: FullSettings, model_config: ModelConfig, train_config: TrainConfig) -> FullResult:
+    """One nightly run (see the module docstring); returns what happened, never raises for a refusal."""
+    day = pick_day(settings.archive_dir, settings.day)
+    if day is None:
+        msg = f"no archived day {settings.day or 'before today'} under {settings.archive_dir}"
+        logger.error(msg)
+        return FullResult(EXIT_NO_DATA, message=msg)
+    dataset = load_day(settings.archive_dir, day)
+    logger.info(
+        "day %s: %d clicks, %d items, %d users", day, len(dataset.clicks), len(dataset.items), len(dataset.users)
+    )
+    if len(dataset.clicks) < 2:
+        msg = f"day {day} has {len(dataset.clicks)} clicks; expected at least 2"
+        logger.error(msg)
+        return FullResult(EXIT_NO_DATA, message=msg)
+    try:
+        split = holdout_split(dataset, settings.holdout_fraction)
+        train = split.train
+    except ValueError as exc:
+        logger.warning("no held-back slice (%s); training on the whole day", exc)
+        split, train = None, dataset
+
+    registry = Registry(settings.models_dir, keep=settings.keep_versions)
+    current_id = registry.current()
+    parent = load_version(registry.path(current_id)) if current_id else None
+    if parent is not None and parent.data_cutoff_ms >= _day_start_ms(day) + DAY_MS:
+        logger.warning(
+            "current version %s already saw data up to %d, past day %s", current_id, parent.data_cutoff_ms, day
+        )
+    model, encoder = _warm_start(parent, train, parent.model_config if parent else model_config)
+
+    try:
+        if settings.nproc > 1:
+            from trainer.distributed import train_distributed
+
+            stats = train_distributed(
+                model, encoder, train, train_config, nproc=settings.nproc, progress=settings.progress
+            )
+        else:
+            stats = train_epoch(model, encoder, train, train_config, progress=settings.progress)
+    except FloatingPointError as exc:
+        # A NaN/inf loss: nothing finite to gate, so no version is written.
+        msg = f"training diverged ({exc}); {current_id} stays current"
+        logger.error(msg)
+        return FullResult(EXIT_REFUSED, parent=current_id, message=msg)
+
+    version_id = new_version_id()
+    candidate = make_version(
+        model,
+        encoder,
+        dataset.items,
+        version_id=version_id,
+        parent=current_id,
+        data_range=(_day_start_ms(day), _day_start_ms(day) + DAY_MS),
+        data_cutoff_ms=int(train.clicks.ts_ms.max()),
+        train_config=train_config,
+        metrics={"train": dataclasses.asdict(stats), "day": day.isoformat(), "nproc": settings.nproc},
+    )
+    decision = decide(candidate, parent, split, settings.gate)
+    with registry.new_version(version_id) as directory:
+        save_version(directory, candidate, metrics={"holdout": decision.candidate_metrics, "gate": decision.to_dict()})
+    for reason in decision.reasons:
+        logger.info("gate: %s", reason)
+    result: dict[str, Any] = {"version_id": version_id, "parent": current_id, "decision": decision, "stats": stats}
+    if not decision.accepted:
+        msg = f"gate refused {version_id}; {current_id} stays current: " + "; ".join(decision.reasons)
+        logger.warning(msg)
+        return FullResult(EXIT_REFUSED, message=msg, **result)
+    if not settings.promote:
+        msg = f"{version_id} passed the gate; not promoted (--no-promote)"
+        logger.info(msg)
+        return FullResult(EXIT_PROMOTED, message=msg, **result)
+    registry.promote(version_id, reason="; ".join(decision.reasons))
+    registry.prune()
+    msg = f"promoted {version_id} (parent {current_id})"
+    logger.info(msg)
+    return FullResult(EXIT_PROMOTED, promoted=True, message=msg, **result)
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``full`` command: returns the process exit code."""
+    config = args.config or os.environ.get("FRESHTOWER_CONFIG")
+    overrides = {
+        "archive_dir": args.archive,
+        "models_dir": args.models,
+        "day": args.day,
+        "nproc": args.nproc,
+        "holdout_fraction": args.holdout_fraction,
+        "recall_k": args.recall_k,
+        "gate_margin": args.margin,
+        "gate_margin_mode": args.margin_mode,
+        "keep_versions": args.keep,
+        "promote": False if args.no_promote else None,
+        "progress": False if args.no_progress else None,
+    }
+    try:
+        settings = load_settings(FullSettings, section="full", config=config, overrides=overrides)
+        # Model and train tables come from the file only: their field names (seed, dim, lr) are too generic
+        # to claim FRESHTOWER_* variables.
+        model_config = load_settings(ModelConfig, section="model", config=config, environ={})
+        train_config = load_settings(TrainConfig, section="train", config=config, environ={})
+    except (SettingsError, ValueError, TypeError, OSError) as exc:
+        logger.error("bad settings: %s", exc)
+        return EXIT_USAGE
+    result = run_full(settings, model_config, train_config)
+    print(result.message)
+    return result.exit_code
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``full`` on the ``python -m trainer`` command line."""
+    doc = __doc__ or ""
+    p = subparsers.add_parser(
+        "full",
+        help="nightly full retrain: one day, one epoch, warm start, gate, promote",
+        description=doc.split("\n\n")[0] + "\n\n" + doc.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--archive", type=Path, help="event archive root (default data/archive)")
+    p.add_argument("--models", type=Path, help="model registry root (default artifacts/models)")
+    p.add_argument("--day", help="UTC day to train on, YYYY-MM-DD (default: the newest archived day before today)")
+    p.add_argument("--nproc", type=int, help="data-parallel worker processes (gloo, CPU; default 1)")
+    p.add_argument("--config", help="TOML file with [full], [model] and [train] tables")
+    p.add_argument(
+        "--holdout-fraction", type=float, help="newest share of the day's clicks held back for the gate (0.1)"
+    )
+    p.add_argument("--recall-k", type=int, help="K of the gating Recall@K (50)")
+    p.add_argument("--margin", type=float, help="how much worse than current the candidate may be (0.01)")
+    p.add_argument("--margin-mode", choices=("absolute", "relative"), help="margin in recall points or as a share")
+    p.add_argument("--keep", type=int, help="versions kept on disk besides current, parent, rollback target (5)")
+    p.add_argument("--no-promote", action="store_true", help="write and gate the version, but do not promote it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)

@@ -1,0 +1,154 @@
+"""The two-tower model behind the offline evaluation protocol (``fit`` / ``recommend``, see :mod:`trainer.peers`).
+
+``fit`` fits a :class:`~trainer.features.FeatureEncoder` on the training data, builds a fresh
+:class:`~trainer.model.TwoTowerModel` and trains it for ``epochs`` shuffled epochs (the nightly job does one; an
+offline comparison from scratch needs several). ``recommend`` does what serving does: the user vector from the
+profile and the last N clicks before the request time, the item vectors of every catalogue item that exists at
+that time, and the exact top-k by inner product (= cosine; the logQ correction is a training-only term).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from trainer.dataset import Dataset
+from trainer.features import ClickHistory, FeatureEncoder
+from trainer.model import ModelConfig, TwoTowerModel
+from trainer.train import TrainConfig, TrainStats, make_estimator, make_optimizer, train_epoch
+
+__all__ = ["TwoTowerRetriever"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_EPOCHS = 10
+
+
+class TwoTowerRetriever:
+    """Trains a two-tower model on ``fit`` and answers ``recommend`` with exact inner-product top-k."""
+
+    def __init__(
+        self,
+        model_config: ModelConfig | None = None,
+        train_config: TrainConfig | None = None,
+        epochs: int = DEFAULT_EPOCHS,
+        *,
+        name: str = "two_tower",
+        progress: bool = False,
+        batch_users: int = 1024,
+    ) -> None:
+        if epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {epochs}")
+        self.name = name
+        self.model_config = model_config if model_config is not None else ModelConfig()
+        self.train_config = train_config if train_config is not None else TrainConfig()
+        self.epochs = epochs
+        self.progress = progress
+        self.batch_users = batch_users
+        self.stats: list[TrainStats] = []
+        self._model: TwoTowerModel | None = None
+        self._encoder: FeatureEncoder | None = None
+        self._train: Dataset | None = None
+        self._history: ClickHistory | None = None
+        self._item_ids: list[str] = []
+        self._item_created: np.ndarray = np.zeros(0, dtype=np.int64)
+        self._item_vectors: Tensor | None = None
+
+    @property
+    def model(self) -> TwoTowerModel:
+        if self._model is None:
+            raise RuntimeError(f"{self.name}: call fit(train) first")
+        return self._model
+
+    @property
+    def encoder(self) -> FeatureEncoder:
+        if self._encoder is None:
+            raise RuntimeError(f"{self.name}: call fit(train) first")
+        return self._encoder
+
+    def fit(self, train: Dataset) -> None:
+        """Fit the encoder, train a fresh model for ``epochs`` epochs and precompute the catalogue's vectors."""
+        encoder = FeatureEncoder.fit(train, last_n=self.model_config.last_n)
+        model = TwoTowerModel(encoder, self.model_config)
+        optimizer = make_optimizer(model, self.train_config)
+        estimator = make_estimator(self.train_config)
+        self.stats = []
+        for epoch in range(self.epochs):
+            stats = train_epoch(
+                model,
+                encoder,
+                train,
+                self.train_config,
+                progress=self.progress,
+                optimizer=optimizer,
+                estimator=estimator,
+                epoch=epoch,
+            )
+            self.stats.append(stats)
+        self._model, self._encoder, self._train = model, encoder, train
+        self._history = ClickHistory(train.clicks, encoder.item_vocab)
+        self._item_ids = sorted(train.items) if train.items else sorted(set(train.clicks.item.tolist()))
+        self._item_created = np.array(
+            [train.items[i].created_ms if i in train.items else -1 for i in self._item_ids], dtype=np.int64
+        )
+        self._item_vectors = self._compute_item_vectors(self._item_ids)
+
+    @torch.no_grad()
+    def _compute_item_vectors(self, item_ids: Sequence[str]) -> Tensor:
+        assert self._train is not None
+        model, encoder = self.model, self.encoder
+        model.eval()
+        parts = [
+            model.item_vectors(encoder.encode_items(item_ids[s : s + 4096], self._train.items))
+            for s in range(0, len(item_ids), 4096)
+        ]
+        return torch.cat(parts) if parts else torch.zeros((0, model.config.dim))
+
+    def item_vectors(self, at_ms: int | None = None) -> tuple[list[str], Tensor]:
+        """Ids and ``[N, dim]`` unit vectors of the training catalogue items created before ``at_ms`` (all: None)."""
+        if self._item_vectors is None:
+            raise RuntimeError(f"{self.name}: call fit(train) first")
+        keep = np.ones(len(self._item_ids), dtype=bool) if at_ms is None else self._item_created < at_ms
+        rows = np.flatnonzero(keep)
+        return [self._item_ids[r] for r in rows], self._item_vectors[torch.from_numpy(rows)]
+
+    @torch.no_grad()
+    def user_vectors(self, user_ids: Sequence[str], at_ms: int) -> Tensor:
+        """``[B, dim]`` unit vectors from each user's profile and last-N training clicks before ``at_ms``."""
+        assert self._train is not None and self._history is not None
+        model, encoder = self.model, self.encoder
+        model.eval()
+        spec = encoder.last_n
+        history = self._history.before(user_ids, at_ms, spec.n) if spec is not None else None
+        return model.user_vectors(encoder.encode_users(list(user_ids), self._train.users, history))
+
+    @torch.no_grad()
+    def recommend(self, user_ids: Sequence[str], k: int, at_ms: int) -> list[list[str]]:
+        """Top ``k`` item ids per user, best first, never an item the user clicked in training."""
+        assert self._history is not None
+        item_ids, item_vecs = self.item_vectors(at_ms)  # [N, d]
+        # vocabulary index -> column of item_vecs, to exclude clicked items by index.
+        vocab = self.encoder.item_vocab
+        column = np.full(len(vocab), -1, dtype=np.int64)
+        column[vocab.lookup(item_ids)] = np.arange(len(item_ids))
+        column[0] = -1  # unknown items are not in the catalogue
+        out: list[list[str]] = []
+        k_eff = min(k, len(item_ids))
+        for start in range(0, len(user_ids), self.batch_users):
+            users = list(user_ids[start : start + self.batch_users])
+            scores = self.user_vectors(users, at_ms) @ item_vecs.T  # [b, N]
+            for row, user in enumerate(users):
+                cols = column[self._history.clicked(user)]
+                scores[row, torch.from_numpy(cols[cols >= 0])] = float("-inf")
+            top = torch.topk(scores, k_eff, dim=1) if k_eff else None
+            for row in range(len(users)):
+                if top is None:
+                    out.append([])
+                    continue
+                valid = torch.isfinite(top.values[row])
+                out.append([item_ids[c] for c in top.indices[row][valid].tolist()])
+        return out
