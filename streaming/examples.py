@@ -139,7 +139,9 @@ class ExampleBuilder:
 
     # ------------------------------------------------------------------ durability
     def _load(self) -> None:
-        self.watermark_ms = int(self._state.meta().get("watermark_ms", 0))
+        meta = self._state.meta()
+        self.watermark_ms = int(meta.get("watermark_ms", 0))
+        self.stats = BuilderStats(**meta.get("builder", {}))
         for key, value in self._state.scan(b"n:"):
             self.last_n[key[2:].decode()] = json.loads(value)
         for counts, prefix in ((self.clicks, b"c:"), (self.exposures, b"e:")):

@@ -17,9 +17,11 @@ early only when the stream goes idle, which in a live stream depends on timing.)
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -74,6 +76,17 @@ class WorkerSettings:
     change_log_checkpoints: int = 10_000
     metrics_port: int = 0
     sync: bool = True
+    instance_id: str = ""
+    session_timeout_ms: int = 15_000
+
+    def member_id(self) -> str:
+        """Static group membership (KIP-345): a restarted worker takes its partitions back at once instead of
+        waiting for the group to notice that its previous life died. Default: derived from the state directory,
+        which is what identifies a worker (its checkpoint)."""
+        if self.instance_id:
+            return self.instance_id
+        digest = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]
+        return f"{socket.gethostname()}-{digest}"
 
     def learner(self) -> LearnerSettings:
         table = TableSettings(min_count=self.min_count, idle_ms=self.idle_ms, max_rows=self.max_rows, lr=self.lr)
@@ -147,7 +160,13 @@ class Worker:
             "fetch_max_bytes": 8 << 20,
             "reconnect_backoff_max_ms": 2000,
         }
-        self._group = KafkaConsumer(group_id=settings.group_id, client_id="freshtower-worker", **common)
+        self._group = KafkaConsumer(
+            group_id=settings.group_id,
+            group_instance_id=settings.member_id(),
+            session_timeout_ms=settings.session_timeout_ms,
+            client_id="freshtower-worker",
+            **common,
+        )
         self._group.subscribe([kafka.topic(t) for t in _USER_TOPICS], listener=_Listener(self))
         # The catalogue is global: every worker reads every partition of the items topic, outside the group.
         self._catalogue = KafkaConsumer(group_id=None, client_id="freshtower-worker-items", **common)
@@ -256,9 +275,11 @@ class Worker:
         return any(not self._queues[tp] and not self._caught_up(tp) for tp in self._queues)
 
     # ------------------------------------------------------------------ apply
-    def _release(self) -> int:
+    def _release(self, budget_s: float = 0.1) -> int:
+        """Apply releasable events for up to ``budget_s``, so that checkpoints and fetches keep their pace."""
         applied = 0
-        while self._heads and not self._blocked():
+        deadline = time.monotonic() + budget_s
+        while self._heads and not self._blocked() and (applied % 256 or time.monotonic() < deadline):
             _, _, _, _, tp = heapq.heappop(self._heads)
             queue = self._queues[tp]
             item = queue.popleft()

@@ -106,7 +106,7 @@ def test_a_restarted_replica_resumes_after_its_last_version(kafka_settings, tmp_
             with local.reader() as view:
                 cursor = int(view.meta().cursor)
             replica = Replica(kafka_settings, local)
-            # Version 1 was 10 users + 1 item + its marker + the commit marker: offsets 0..12.
+            # Version 1: 10 users + 1 item at offsets 0..10, its marker at 11; the cursor is the offset after it.
             assert cursor == 12
             applied = []
             while not applied:

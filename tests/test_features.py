@@ -39,7 +39,9 @@ def catalogue_dataset() -> Dataset:
         _item("i3", "books", (), {"price": E**2 - 1}),
     ]
     users = [
-        UserProfile("u1", discrete={"city": "paris", "gender": "f"}, multi={"topics": ("t1", "t2")}, numeric={"age": 20.0}),
+        UserProfile(
+            "u1", discrete={"city": "paris", "gender": "f"}, multi={"topics": ("t1", "t2")}, numeric={"age": 20.0}
+        ),
         UserProfile("u2", discrete={"city": "rome", "gender": "m"}, numeric={"age": 40.0}),
     ]
     clicks = [
@@ -130,7 +132,9 @@ def test_click_history_is_strictly_before_the_click(encoder: FeatureEncoder) -> 
     # Clicks in time order: (u1,i1,1000) (u2,i1,1500) (u1,i2,2000) (u1,i3,2000) (u1,i2,3000).
     assert list(zip(users, items, strict=True))[:2] == [("u1", "i1"), ("u2", "i1")]
     values, mask = history.at_clicks(np.arange(5), n=5)
-    rows = [[v for v, m in zip(vr, mr, strict=True) if m] for vr, mr in zip(values.tolist(), mask.tolist(), strict=True)]
+    rows = [
+        [v for v, m in zip(vr, mr, strict=True) if m] for vr, mr in zip(values.tolist(), mask.tolist(), strict=True)
+    ]
     # The two clicks at t=2000 see only i1 (not each other); the click at 3000 sees i1, i2, i3 (vocab 1, 2, 3).
     assert rows == [[], [], [1], [1], [1, 2, 3]]
     values, mask = history.at_clicks(np.array([4]), n=2)
@@ -159,7 +163,13 @@ def test_extend_appends_new_ids_and_values_and_keeps_old_indices(encoder: Featur
     new_users = [UserProfile("u3", discrete={"city": "oslo", "gender": "x"})]
     day2 = Dataset.from_events([*new_items, *new_users, Click("u3", "i4", "r9", 5000)])
     grown = encoder.extend(day2)
-    for tower, name in [("item", "item_id"), ("item", "category"), ("item", "tags"), ("user", "user_id"), ("user", "city")]:
+    for tower, name in [
+        ("item", "item_id"),
+        ("item", "category"),
+        ("item", "tags"),
+        ("user", "user_id"),
+        ("user", "city"),
+    ]:
         old, new = encoder.vocab(tower, name), grown.vocab(tower, name)
         assert new.tokens[: len(old.tokens)] == old.tokens
     assert grown.item_vocab.tokens == ("i1", "i2", "i3", "i0", "i4")

@@ -32,10 +32,19 @@ def world(n_items: int = 12, n_users: int = 6, prefix: str = "") -> Dataset:
         for k in range(n_items)
     ]
     users = [
-        UserProfile(f"{prefix}u{u}", discrete={"city": f"city{u % 2}"}, multi={"topics": (f"c{u % 3}",)}, numeric={"age": 20.0 + u})
+        UserProfile(
+            f"{prefix}u{u}",
+            discrete={"city": f"city{u % 2}"},
+            multi={"topics": (f"c{u % 3}",)},
+            numeric={"age": 20.0 + u},
+        )
         for u in range(n_users)
     ]
-    clicks = [Click(f"{prefix}u{u}", f"i{(u + 3 * j) % n_items}", f"r{u}-{j}", 1000 * (j + 1)) for u in range(n_users) for j in range(3)]
+    clicks = [
+        Click(f"{prefix}u{u}", f"i{(u + 3 * j) % n_items}", f"r{u}-{j}", 1000 * (j + 1))
+        for u in range(n_users)
+        for j in range(3)
+    ]
     return Dataset.from_events([*items, *users, *clicks])
 
 
@@ -259,3 +268,21 @@ def test_mask_features_sets_defaults() -> None:
     assert masked.indices["a"].tolist() == [0, 0]
     assert masked.values["x"].tolist() == [1.5, -2.0]
     assert not masked.masks["tags"].any()
+
+
+def test_id_rows_passed_in_replace_the_id_table_lookup() -> None:
+    ds = world()
+    encoder = FeatureEncoder.fit(ds, last_n=CONFIG.last_n)
+    model = TwoTowerModel(encoder, CONFIG)
+    users, items = batches(encoder, ds)
+    # The rows the table would look up give exactly the ordinary vectors ...
+    rows = model.item_tower.id_table(items.indices["item_id"]).detach()
+    assert torch.equal(model.item_tower(items, id_rows=rows), model.item_vectors(items))
+    # ... other rows change them, and gradients reach the rows passed in (the online learner's leaf tensors).
+    leaf = torch.zeros_like(rows, requires_grad=True)
+    moved = model.item_tower(items, id_rows=leaf)
+    assert not torch.equal(moved, model.item_vectors(items))
+    moved.sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="id_rows must be"):
+        model.user_tower(users, id_rows=torch.zeros(len(users), CONFIG.id_dim + 1))

@@ -469,22 +469,19 @@ class FeatureEncoder:
         """Vocabularies and statistics from ``dataset``; defaults from :func:`default_user_features` et al."""
         user_specs = tuple(user_features) if user_features is not None else default_user_features(dataset, last_n)
         item_specs = tuple(item_features) if item_features is not None else default_item_features(dataset)
-        vocabs: dict[str, dict[str, Vocab]] = {"user": {}, "item": {}}
         stats: dict[str, dict[str, dict[str, Any]]] = {"user": {}, "item": {}}
+        vocabs: dict[str, dict[str, Vocab]] = {"user": {}, "item": {}}
         for tower, specs, records in (
             ("user", user_specs, list(dataset.users.values())),
             ("item", item_specs, list(dataset.items.values())),
         ):
             for spec in specs:
-                if isinstance(spec, IdFeature):
-                    vocabs[tower][spec.name] = Vocab().extended(cls._ids_in(tower, dataset))
-                elif isinstance(spec, DiscreteFeature | MultiValuedFeature):
-                    vocabs[tower][spec.name] = Vocab(max_size=getattr(spec, "one_hot", None)).extended(
-                        _tokens_of(spec, records)
-                    )
-                elif isinstance(spec, ContinuousFeature):
+                if isinstance(spec, ContinuousFeature):
                     stats[tower][spec.name] = _fit_continuous(spec, _raw_numbers(spec, records))
-        encoder = cls(user_specs, item_specs, vocabs, stats)
+                elif not isinstance(spec, LastNFeature):
+                    vocabs[tower][spec.name] = Vocab(max_size=getattr(spec, "one_hot", None))
+        # Fitting = extending empty vocabularies, so both number ids the same way.
+        encoder = cls(user_specs, item_specs, vocabs, stats).extend(dataset)
         logger.info("feature encoder fitted: %s", encoder.describe())
         return encoder
 
@@ -509,9 +506,7 @@ class FeatureEncoder:
                     vocabs[tower][spec.name] = self._vocabs[tower][spec.name].extended(self._ids_in(tower, dataset))
                 elif isinstance(spec, DiscreteFeature | MultiValuedFeature):
                     vocabs[tower][spec.name] = self._vocabs[tower][spec.name].extended(_tokens_of(spec, records))
-        encoder = FeatureEncoder(self.user_features, self.item_features, vocabs, self._stats)
-        logger.info("feature encoder extended: %s", encoder.describe())
-        return encoder
+        return FeatureEncoder(self.user_features, self.item_features, vocabs, self._stats)
 
     # ------------------------------------------------------------------ access
     def vocab(self, tower: Literal["user", "item"], name: str) -> Vocab:

@@ -33,14 +33,15 @@ logger = logging.getLogger(__name__)
 class ModelConfig:
     """Sizes of the model. ``dim``: the shared output space; ``id_dim``: ID and last-N tables; ``embedding_dim``:
     other categorical tables; ``hidden``: MLP layer widths; ``temperature``: the training softmax scale (Yi et al.
-    2019 use 0.05-0.07 on normalised embeddings); ``last_n``: clicks in the user's history feature; ``init_std``:
+    2019 use 0.05-0.07 on normalised embeddings; 0.2 gave the best offline Recall@20 on both the synthetic world
+    and MovieLens-100K at ``dim=32``, a small model on small data); ``last_n``: clicks in the user's history feature; ``init_std``:
     the standard deviation of embedding initialisation; ``seed``: initialisation seed."""
 
     dim: int = 32
     id_dim: int = 32
     embedding_dim: int = 16
     hidden: tuple[int, ...] = (128,)
-    temperature: float = 0.05
+    temperature: float = 0.2
     last_n: int = 20
     init_std: float = 0.05
     seed: int = 0

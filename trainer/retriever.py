@@ -25,7 +25,7 @@ __all__ = ["TwoTowerRetriever"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_EPOCHS = 10
+DEFAULT_EPOCHS = 5
 
 
 class TwoTowerRetriever:

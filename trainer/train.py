@@ -4,9 +4,10 @@ An example is a click: the user (profile + the last N items clicked strictly bef
 item, the positive. Items that were shown but not clicked are never negatives (seed 000: they passed every ranking
 stage already); the negatives are
 
-* the other positives of the batch (listwise, in-batch), corrected by logQ: ``cos / tau - log p_j`` with ``p_j``,
-  the probability that item ``j`` appears in a batch, estimated from the batches themselves in the order they are
-  trained (Yi et al., RecSys 2019, :class:`~trainer.frequency.FrequencyEstimator`);
+* the other positives of the batch (listwise, in-batch), corrected by logQ: ``cos / tau - log q_j`` with ``q_j``
+  the expected number of copies of item ``j`` in a batch: the probability that it appears, estimated from the
+  batches themselves in the order they are trained (Yi et al., RecSys 2019,
+  :class:`~trainer.frequency.FrequencyEstimator`), times the copies in this batch;
 * easy negatives drawn from the catalogue with ``P ∝ clicks ** 0.75`` (:class:`~trainer.negatives.PowerSampler`),
   corrected by their own sampling probability;
 * optionally hard negatives. The data holds no ranking logs ("retrieved but eliminated by ranking", seed 001), so
@@ -37,7 +38,7 @@ from tqdm.auto import tqdm
 
 from trainer.augment import ItemAugmenter
 from trainer.dataset import Dataset
-from trainer.features import ClickHistory, FeatureEncoder, IdFeature, ItemBatch
+from trainer.features import ClickHistory, FeatureEncoder, IdFeature, ItemBatch, UserBatch
 from trainer.frequency import FrequencyEstimator
 from trainer.losses import (
     contrastive_loss,
@@ -73,7 +74,7 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     logq: bool = True
-    easy_negatives: int = 0
+    easy_negatives: int = 128
     hard_fraction: float = 0.0
     hard_skip: int = 10
     hard_depth: int = 50
@@ -212,7 +213,7 @@ class _Epoch:
             positions = positions[self.rng.random(len(positions)) < keep]
         return self.rng.permutation(positions), int((~known).sum())
 
-    def batches(self, positions: np.ndarray) -> tuple[ItemBatch, ItemBatch, np.ndarray]:
+    def batches(self, positions: np.ndarray) -> tuple[UserBatch, ItemBatch, np.ndarray]:
         """User batch, positive item batch and the positives' item rows for click ``positions``."""
         u_rows = torch.from_numpy(self.click_users[positions])
         i_rows = self.click_items[positions]
@@ -263,7 +264,7 @@ def _main_loss(
     model: TwoTowerModel,
     data: _Epoch,
     config: TrainConfig,
-    users: ItemBatch,
+    users: UserBatch,
     items: ItemBatch,
     rows: np.ndarray,
     estimator: FrequencyEstimator,
@@ -353,6 +354,7 @@ def train_epoch(
     steps = math.ceil(len(positions) / config.batch_size)
     losses: list[float] = []
     main_sum = ssl_sum = 0.0
+    examples = 0
     model.train()
     bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False)
     try:
@@ -374,6 +376,7 @@ def train_epoch(
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss became {value} at step {step} of epoch {epoch}")
             losses.append(value)
+            examples += len(batch)
             main_sum += float(main.detach())
             bar.update(1)
             if step % 20 == 0:
@@ -385,7 +388,7 @@ def train_epoch(
     head = config.first_batches
     stats = TrainStats(
         steps=len(losses),
-        examples=int(min(len(positions), len(losses) * config.batch_size)),
+        examples=examples,
         mean_loss=float(np.mean(losses)) if losses else float("nan"),
         first_loss=float(np.mean(losses[:head])) if losses else float("nan"),
         last_loss=float(np.mean(losses[-head:])) if losses else float("nan"),

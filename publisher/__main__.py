@@ -1,0 +1,208 @@
+"""``python -m publisher``: periodic publishes to the KV store, a synthetic driver, a fan-out replica, inspection.
+
+  run --source MODULE:FACTORY   publish from a ChangeSource built by FACTORY(settings) (e.g. the learner's)
+  simulate                      publish from synthetic users whose vectors random-walk (event time = now)
+  replica                       materialise the fan-out topic into a local store
+  inspect                       print a store's meta (read through a secondary instance)
+
+SIGTERM or Ctrl-C stops after the publish in progress; a SIGKILL at any moment leaves the last
+complete version readable and the next start continues from it. Metrics are served on
+``--metrics-port`` (default 9102; 0 picks a free port, printed on start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from publisher.fanout import Fanout, Replica
+from publisher.publish import Publisher
+from publisher.settings import PublisherSettings
+from publisher.source import ChangeSource, MemorySource, RandomWalk
+from publisher.store import RocksSecondary, RocksStore
+from streaming.settings import KafkaSettings, load_settings
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("publisher")
+
+
+def _settings(args: argparse.Namespace) -> PublisherSettings:
+    overrides: dict[str, Any] = {
+        "store_path": args.store,
+        "interval_s": getattr(args, "interval", None),
+        "metrics_port": getattr(args, "metrics_port", None),
+        "index_kind": getattr(args, "index", None),
+        "fanout": True if getattr(args, "fanout", False) else None,
+    }
+    return load_settings(PublisherSettings, section="publisher", config=args.config, overrides=overrides)
+
+
+def _kafka(args: argparse.Namespace) -> KafkaSettings:
+    overrides = {"bootstrap_servers": args.bootstrap, "topic_prefix": args.topic_prefix}
+    return load_settings(KafkaSettings, section="kafka", config=args.config, overrides=overrides)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handle(signum: int, _frame: object) -> None:
+        logger.info("received %s: stopping after the current cycle", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+    return stop
+
+
+def _serve_metrics(registry: CollectorRegistry, settings: PublisherSettings) -> Any:
+    server, _ = start_http_server(settings.metrics_port, settings.metrics_addr, registry=registry)
+    print(f"metrics on http://{settings.metrics_addr}:{server.server_port}/metrics", flush=True)
+    return server
+
+
+def _publish(args: argparse.Namespace, source: ChangeSource, stop: threading.Event) -> int:
+    settings = _settings(args)
+    registry = CollectorRegistry()
+    server = _serve_metrics(registry, settings)
+    fanout = Fanout(_kafka(args), topic=settings.fanout_topic) if settings.fanout else None
+    store = RocksStore(settings.store_path, sync=settings.sync_writes, changelog_versions=settings.changelog_versions)
+    try:
+        publisher = Publisher(store, source, settings, fanout=fanout, registry=registry)
+        logger.info("publishing to %s every %g s", settings.store_path, settings.interval_s)
+        publisher.run(stop)
+    finally:
+        if fanout is not None:
+            fanout.close()
+        store.close()
+        server.shutdown()
+    logger.info("stopped")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    module, _, name = args.source.partition(":")
+    if not name:
+        raise SystemExit(f"--source: expected MODULE:FACTORY, got {args.source!r}")
+    factory = getattr(importlib.import_module(module), name)
+    stop = _stop_on_signals()
+    return _publish(args, factory(_settings(args)), stop)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    stop = _stop_on_signals()
+    source = MemorySource(model_version=args.model_version)
+    walk = RandomWalk(source, users=args.users, items=args.items, dim=args.dim, seed=args.seed)
+    driver = threading.Thread(
+        target=walk.run, args=(stop, args.updates_per_s, args.new_items_per_s), name="random-walk", daemon=True
+    )
+    driver.start()
+    if args.duration:
+        timer = threading.Timer(args.duration, stop.set)
+        timer.daemon = True  # a SIGTERM before the duration must not wait for it
+        timer.start()
+    try:
+        return _publish(args, source, stop)
+    finally:
+        stop.set()
+        driver.join()
+
+
+def cmd_replica(args: argparse.Namespace) -> int:
+    stop = _stop_on_signals()
+    settings = _settings(args)
+    store = RocksStore(settings.store_path, sync=settings.sync_writes, changelog_versions=settings.changelog_versions)
+    replica = Replica(_kafka(args), store, topic=settings.fanout_topic)
+    try:
+        replica.run(stop)
+    finally:
+        replica.close()
+        store.close()
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    with RocksSecondary(args.store) as store, store.reader() as view:
+        meta = view.meta()
+        out: dict[str, Any] = {"meta": asdict(meta) if meta else None, "fanout_progress": view.progress("fanout")}
+        if meta is not None:
+            out["freshness_s"] = round(time.time() - meta.watermark_ms / 1000.0, 3)
+        for user_id in args.user:
+            row = view.user(user_id)
+            out.setdefault("users", {})[user_id] = (
+                {"version": row.version, "vector": row.vector.tolist(), "last_n": list(row.last_n)} if row else None
+            )
+        for item_id in args.item:
+            item = view.item(item_id)
+            out.setdefault("items", {})[item_id] = (
+                {"version": item.version, "vector": item.vector.tolist()} if item else None
+            )
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m publisher", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser, publishing: bool = True) -> None:
+        p.add_argument("--config", type=Path, help="TOML file with [publisher] and [kafka] tables")
+        p.add_argument("--store", type=Path, help="RocksDB directory (setting store_path)")
+        p.add_argument("--bootstrap", help="Kafka bootstrap servers (fan-out)")
+        p.add_argument("--topic-prefix", help="Kafka topic prefix (fan-out)")
+        if publishing:
+            p.add_argument("--interval", type=float, help="seconds between publishes, 1 to 86400")
+            p.add_argument("--metrics-port", type=int, help="port of /metrics (0 = any free port)")
+            p.add_argument("--index", choices=["flat", "hnsw", "none"], help="item index kind")
+            p.add_argument("--fanout", action="store_true", help="also write each version to the fan-out topic")
+
+    run = sub.add_parser("run", help="publish from a ChangeSource factory")
+    common(run)
+    run.add_argument("--source", required=True, help="MODULE:FACTORY; FACTORY(PublisherSettings) -> ChangeSource")
+    run.set_defaults(func=cmd_run)
+
+    sim = sub.add_parser("simulate", help="publish from random-walking synthetic users")
+    common(sim)
+    sim.add_argument("--users", type=int, default=10_000)
+    sim.add_argument("--items", type=int, default=5_000)
+    sim.add_argument("--dim", type=int, default=32)
+    sim.add_argument("--updates-per-s", type=float, default=500.0, help="user vector updates per second")
+    sim.add_argument("--new-items-per-s", type=float, default=1.0, help="new catalogue items per second")
+    sim.add_argument("--model-version", default="sim-0")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = until SIGTERM)")
+    sim.set_defaults(func=cmd_simulate)
+
+    rep = sub.add_parser("replica", help="materialise the fan-out topic into a local store")
+    common(rep, publishing=False)
+    rep.set_defaults(func=cmd_replica)
+
+    ins = sub.add_parser("inspect", help="print a store's meta and some rows")
+    ins.add_argument("--store", type=Path, required=True)
+    ins.add_argument("--user", action="append", default=[], help="also print this user's row (repeatable)")
+    ins.add_argument("--item", action="append", default=[], help="also print this item's row (repeatable)")
+    ins.set_defaults(func=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
