@@ -157,7 +157,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     version = load_version(registry.path(current))
     ensure_topics(kafka)
-    worker = Worker(kafka, settings, version.model, version.encoder, model_version=version.version_id)
+    worker = Worker(kafka, settings, version, registry=registry)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1", registry=worker.metrics.registry)
     stop = threading.Event()

@@ -71,7 +71,8 @@ class ExampleBuilder:
         self.profiles: dict[str, UserProfile] = {}
         self._impressions: dict[str, tuple[int, int]] = {}  # "request\titem" -> (position, ts)
         self._clicked: dict[str, tuple[int, int]] = {}
-        self.changed_users: set[str] = set()
+        self.changed_users: set[str] = set()  # last-N changed since the caller last cleared it
+        self.changed_items: set[str] = set()  # catalogue record changed since the caller last cleared it
         self._load()
 
     # ------------------------------------------------------------------ events
@@ -87,6 +88,7 @@ class ExampleBuilder:
             self._impression(event)
         elif isinstance(event, Item):
             self.catalogue[event.item_id] = event
+            self.changed_items.add(event.item_id)
             self._state.put(b"cat:" + event.item_id.encode(), encode(event))
         elif isinstance(event, UserProfile):
             self.profiles[event.user_id] = event

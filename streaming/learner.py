@@ -109,8 +109,12 @@ class IncrementalLearner:
         item_leaf = torch.from_numpy(item_rows).requires_grad_(True)  # [B, id_dim]
         a = self.model.user_tower(users, id_rows=user_leaf)  # [B, dim]
         b = self.model.item_tower(items, id_rows=item_leaf)  # [B, dim]
-        _, item_keys = np.unique(np.asarray(item_ids), return_inverse=True)
-        log_q = torch.from_numpy(self.frequency.log_q(item_ids)) if self.settings.logq else None
+        _, item_keys, copies = np.unique(np.asarray(item_ids), return_inverse=True, return_counts=True)
+        log_q = None
+        if self.settings.logq:
+            # As in the nightly job (trainer/train.py): log of the expected copies of j in a batch,
+            # P(j appears) times the copies seen here, subtracted from every column (Yi et al. 2019).
+            log_q = torch.from_numpy(self.frequency.log_q(item_ids) + np.log(copies[item_keys]))
         loss = listwise_loss(
             a, b, temperature=self.temperature, pos_log_q=log_q, pos_ids=torch.from_numpy(item_keys.astype(np.int64))
         ).mean()

@@ -34,7 +34,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streaming.consumer import DeadLetter, check_record
-from streaming.events import Event, InvalidEvent, Limits
+from streaming.events import Click, Event, InvalidEvent, Limits
 from streaming.examples import Example, ExampleBuilder, ExampleSettings
 from streaming.learner import IncrementalLearner, LearnerSettings
 from streaming.metrics import WorkerMetrics
@@ -42,8 +42,8 @@ from streaming.settings import KafkaSettings
 from streaming.state import StateStore
 from streaming.tables import TableSettings
 from streaming.topics import DEADLETTER
-from trainer.features import FeatureEncoder
-from trainer.model import TwoTowerModel
+from trainer.artifact import ModelVersion, load_version
+from trainer.registry import Registry
 
 __all__ = ["Worker", "WorkerSettings"]
 
@@ -74,9 +74,10 @@ class WorkerSettings:
     max_buffered_events: int = 100_000
     idle_flush_s: float = 1.0
     change_log_checkpoints: int = 10_000
-    metrics_port: int = 0
+    metrics_port: int = 9101
     sync: bool = True
     instance_id: str = ""
+    model_poll_s: float = 10.0
     session_timeout_ms: int = 15_000
 
     def member_id(self) -> str:
@@ -122,20 +123,27 @@ class Worker:
         self,
         kafka: KafkaSettings,
         settings: WorkerSettings,
-        model: TwoTowerModel,
-        encoder: FeatureEncoder,
+        version: ModelVersion,
         *,
-        model_version: str = "",
+        registry: Registry | None = None,
         metrics: WorkerMetrics | None = None,
     ) -> None:
         self.kafka = kafka
         self.settings = settings
         self.metrics = metrics or WorkerMetrics()
-        self.model_version = model_version
+        self.registry = registry
         self.state = StateStore(settings.state_dir, sync=settings.sync)
         meta = self.state.meta()
         self.builder = ExampleBuilder(ExampleSettings(settings.last_n, settings.join_window_ms), self.state)
-        self.learner = IncrementalLearner(model, encoder, self.builder, settings.learner(), self.state)
+        # Clicks partitions being replayed after a model switch: apply SGD only, up to these offsets.
+        self._replay_until: dict[str, int] = dict(meta.get("replay_until", {}))
+        # Set while the clicks after a new model's cutoff still have to be re-read (cleared once rewound).
+        self._replay_from_ms: int | None = meta.get("replay_from_ms")
+        self.model_version = meta.get("model_version") or version.version_id
+        if self.model_version != version.version_id:
+            # The state was trained against another version (this one was promoted while the worker was down).
+            self._reset_tables(version)
+        self.learner = IncrementalLearner(version.model, version.encoder, self.builder, settings.learner(), self.state)
         self.pending: list[Example] = [
             Example(**{**e, "history": tuple(e["history"])}) for e in meta.get("pending", [])
         ]
@@ -152,6 +160,7 @@ class Worker:
         self._buffered = 0
         self._last_checkpoint = time.monotonic()
         self._last_applied = time.monotonic()
+        self._last_model_check = time.monotonic()
         common = {
             "bootstrap_servers": kafka.bootstrap_servers,
             "enable_auto_commit": False,
@@ -178,6 +187,8 @@ class Worker:
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
         for tp in assigned:
             self._track(tp, self._group)
+        if any(self._names[tp.topic] == "clicks" for tp in assigned):
+            self._replay_from_ms = None  # rewound; the next checkpoint records the replay bounds instead
         logger.info("assigned %s", sorted(_tp_key(tp) for tp in assigned))
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -201,6 +212,26 @@ class Worker:
             self._next[tp] = -1  # resolved from the consumer's position on first use
         self._queues[tp] = deque()
         self._consumers[tp] = consumer
+        if self._replay_from_ms is not None and stored is not None and self._names[tp.topic] == "clicks":
+            self._rewind(tp, self._replay_from_ms)
+
+    def _rewind(self, tp: TopicPartition, from_ms: int) -> None:
+        """Re-read the clicks of ``tp`` from event time ``from_ms`` for SGD only (a model switch's replay)."""
+        until = self._next[tp]
+        # ListOffsets through the catalogue consumer: it has no group, so this is safe inside a rebalance callback.
+        found = self._catalogue.offsets_for_times({tp: from_ms}, timeout_ms=30_000).get(tp)
+        start = until if found is None else min(found.offset, until)
+        if start >= until:
+            return
+        self._replay_until[_tp_key(tp)] = max(until, self._replay_until.get(_tp_key(tp), 0))
+        queue = self._queues[tp]
+        self._buffered -= len(queue)
+        queue.clear()
+        self._heads = [h for h in self._heads if h[4] != tp]
+        heapq.heapify(self._heads)
+        self._consumers[tp].seek(tp, start)
+        self._next[tp] = start
+        logger.info("replaying %s from offset %d to %d for the new model", _tp_key(tp), start, until)
 
     def _assign_catalogue(self) -> None:
         topic = self.kafka.topic("items")
@@ -287,9 +318,16 @@ class Worker:
             if queue:
                 self._push_head(tp)
             self._next[tp] = item.offset + 1
-            if item.event is not None:
+            replay_until = self._replay_until.get(_tp_key(tp))
+            if replay_until is not None and item.offset + 1 >= replay_until:
+                del self._replay_until[_tp_key(tp)]
+            if item.event is None:
+                continue
+            if replay_until is not None and item.offset < replay_until:
+                self._replay(item.event)
+            else:
                 self._apply(tp, item.event)
-                applied += 1
+            applied += 1
         return applied
 
     def _apply(self, tp: TopicPartition, event: Event) -> None:
@@ -302,6 +340,20 @@ class Worker:
             self.pending.append(example)
             if len(self.pending) >= self.settings.batch_size:
                 self._train()
+
+    def _replay(self, event: Event) -> None:
+        """A click the state has already counted, re-learnt by a new model: SGD only, counters untouched.
+
+        Its history is rebuilt from the user's current last-N (the clicks before it, when it is still in the list):
+        exact while the user has made fewer than N clicks since, an approximation beyond."""
+        if not isinstance(event, Click):
+            return
+        history = self.builder.last_n.get(event.user_id, [])
+        if event.item_id in history:
+            history = history[: len(history) - 1 - history[::-1].index(event.item_id)]
+        self.pending.append(Example(event.user_id, event.item_id, event.ts_ms, tuple(history), None))
+        if len(self.pending) >= self.settings.batch_size:
+            self._train()
 
     def _train(self) -> None:
         batch, self.pending = self.pending, []
@@ -332,6 +384,8 @@ class Worker:
             "model_version": self.model_version,
             "pending": [asdict(e) for e in self.pending],
             "builder": asdict(self.builder.stats),
+            "replay_until": self._replay_until,
+            "replay_from_ms": self._replay_from_ms,
             **self.learner.meta(),
         }
         offsets = self._offsets()
@@ -341,6 +395,43 @@ class Worker:
         self.metrics.checkpoint.set(time.time())
         self._update_gauges()
         self._commit_group(offsets)
+
+    def _reset_tables(self, version: ModelVersion) -> None:
+        """Drop every online ID row and admission count (trained through another model's dense layers) and
+        record that the clicks after ``version``'s data cutoff must be replayed: one atomic write, so after a
+        crash the worker either still runs the old version or resumes the switch."""
+        for prefix in (b"t:", b"p:"):
+            for key, _ in self.state.scan(prefix):
+                self.state.delete(key)
+        self.model_version = version.version_id
+        self._replay_from_ms = version.data_cutoff_ms + 1
+        meta = {**self.state.meta(), "model_version": self.model_version, "replay_from_ms": self._replay_from_ms}
+        self.state.checkpoint(self.state.offsets(), meta)
+
+    def switch_model(self, version: ModelVersion) -> None:
+        """Adopt a newly promoted version: fresh online rows, then replay the clicks after its data cutoff."""
+        logger.info(
+            "switching from model %s to %s (cutoff %d)", self.model_version, version.version_id, version.data_cutoff_ms
+        )
+        self.pending = []  # the old model's unfinished batch: those clicks are replayed below
+        self.checkpoint()
+        self._reset_tables(version)
+        self.learner = IncrementalLearner(
+            version.model, version.encoder, self.builder, self.settings.learner(), self.state
+        )
+        self._resolve_positions()
+        for tp in list(self._queues):
+            if self._names[tp.topic] == "clicks":
+                self._rewind(tp, self._replay_from_ms)
+        self._replay_from_ms = None
+        self.checkpoint()
+
+    def _poll_registry(self) -> None:
+        if self.registry is None:
+            return
+        current = self.registry.current()
+        if current and current != self.model_version:
+            self.switch_model(load_version(self.registry.path(current)))
 
     def _resolve_positions(self) -> None:
         # A partition never read from has no offset of its own yet: its consumer position is where it starts.
@@ -359,11 +450,12 @@ class Worker:
         users = self.learner.users.changed | self.builder.changed_users
         for ident in users:
             self.state.put(seq + b"u:" + ident.encode(), b"")
-        for ident in self.learner.items.changed:
+        for ident in self.learner.items.changed | self.builder.changed_items:
             self.state.put(seq + b"i:" + ident.encode(), b"")
         self.learner.users.changed.clear()
         self.learner.items.changed.clear()
         self.builder.changed_users.clear()
+        self.builder.changed_items.clear()
         old = self.checkpoints - self.settings.change_log_checkpoints
         if old > 0:
             for key, _ in self.state.scan(b"x:%016x:" % old):
@@ -424,6 +516,9 @@ class Worker:
                     self._train()  # nothing more is coming for now: do not hold clicks back from the model
                 if now - self._last_checkpoint >= self.settings.checkpoint_interval_s:
                     self.checkpoint()
+                if now - self._last_model_check >= self.settings.model_poll_s:
+                    self._last_model_check = now
+                    self._poll_registry()
                 if exit_when_idle_s is not None and not self.pending and quiet >= exit_when_idle_s and self.idle():
                     break
                 self._update_gauges()

@@ -45,7 +45,7 @@ def test_dense_layers_stay_bit_identical_while_touched_id_rows_move(kafka_settin
     produce(kafka_settings, day_two)
 
     settings = WorkerSettings(state_dir=tmp_path / "state", group_id=f"w-{uuid.uuid4().hex[:8]}", batch_size=64)
-    worker = Worker(kafka_settings, settings, version.model, version.encoder, model_version="v1")
+    worker = Worker(kafka_settings, settings, version)
     run_to_idle(worker)
 
     clicks = [e for e in day_two if isinstance(e, Click)]
@@ -93,7 +93,7 @@ def test_new_ids_get_rows_train_and_expire_within_the_bound(kafka_settings, tmp_
         idle_ms=idle_ms,
         expire_every_batches=1,
     )
-    worker = Worker(kafka_settings, settings, version.model, version.encoder, model_version="v1")
+    worker = Worker(kafka_settings, settings, version)
     run_to_idle(worker)
 
     users = worker.learner.users
@@ -122,7 +122,7 @@ def test_worker_finishes_the_stream_across_a_broker_restart(tmp_path, world_spli
         half = len(day_two) // 2
         produce(kafka, day_two[:half])
         settings = WorkerSettings(state_dir=tmp_path / "state", group_id="w-restart", batch_size=64)
-        worker = Worker(kafka, settings, version.model, version.encoder, model_version="v1")
+        worker = Worker(kafka, settings, version)
         stop = threading.Event()
         thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
         thread.start()
