@@ -21,9 +21,7 @@ setup: $(INSTALLED)
 	deploy/kafka/kafka.sh fetch
 
 demo: setup
-	deploy/kafka/kafka.sh start --port $(KAFKA_PORT) --data-dir data/kafka
-	$(BIN)/python -m streaming demo --bootstrap 127.0.0.1:$(KAFKA_PORT)
-	@echo "The broker keeps running on 127.0.0.1:$(KAFKA_PORT); stop it with: make kafka-stop"
+	KAFKA_PORT=$(KAFKA_PORT) deploy/demo.sh
 
 kafka-stop:
 	deploy/kafka/kafka.sh stop --port $(KAFKA_PORT) --data-dir data/kafka

@@ -1,6 +1,8 @@
 """``python -m publisher``: periodic publishes to the KV store, a synthetic driver, a fan-out replica, inspection.
 
-  run --source MODULE:FACTORY   publish from a ChangeSource built by FACTORY(settings) (e.g. the learner's)
+  run --source worker           publish the streaming worker's state (--worker-state, --models; read as a
+                                RocksDB secondary, beside the running worker)
+  run --source MODULE:FACTORY   publish from a ChangeSource built by FACTORY(settings)
   simulate                      publish from synthetic users whose vectors random-walk (event time = now)
   replica                       materialise the fan-out topic into a local store
   inspect                       print a store's meta (read through a secondary instance)
@@ -22,7 +24,7 @@ import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
@@ -32,6 +34,9 @@ from publisher.settings import PublisherSettings
 from publisher.source import ChangeSource, MemorySource, RandomWalk
 from publisher.store import RocksSecondary, RocksStore
 from streaming.settings import KafkaSettings, load_settings
+
+if TYPE_CHECKING:  # imported when used: it brings torch and the model, which the other commands do not need
+    from publisher.worker_source import WorkerSource
 
 __all__ = ["build_parser", "main"]
 
@@ -91,10 +96,38 @@ def _publish(args: argparse.Namespace, source: ChangeSource, stop: threading.Eve
     return 0
 
 
+def _worker_source(args: argparse.Namespace) -> WorkerSource:
+    """A :class:`WorkerSource` where the worker's own settings (``[worker]``, ``FRESHTOWER_*``) put its state.
+
+    Reading the worker's section rather than copies of it in ``[publisher]`` keeps the two processes
+    agreeing on the state directory and on how many checkpoints of change log the worker keeps.
+    """
+    from publisher.worker_source import WorkerSource
+    from streaming.worker import WorkerSettings
+
+    worker = load_settings(
+        WorkerSettings,
+        section="worker",
+        config=args.config,
+        overrides={"state_dir": args.worker_state, "models_dir": args.models},
+    )
+    logger.info("publishing the worker state at %s (models in %s)", worker.state_dir, worker.models_dir)
+    return WorkerSource(worker.state_dir, worker.models_dir, change_log_checkpoints=worker.change_log_checkpoints)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.source == "worker":
+        source = _worker_source(args)
+        stop = _stop_on_signals()
+        try:
+            return _publish(args, source, stop)
+        finally:
+            source.close()
+    if args.worker_state is not None or args.models is not None:
+        raise SystemExit("--worker-state and --models apply only to --source worker")
     module, _, name = args.source.partition(":")
     if not name:
-        raise SystemExit(f"--source: expected MODULE:FACTORY, got {args.source!r}")
+        raise SystemExit(f"--source: expected 'worker' or MODULE:FACTORY, got {args.source!r}")
     factory = getattr(importlib.import_module(module), name)
     stop = _stop_on_signals()
     return _publish(args, factory(_settings(args)), stop)
@@ -158,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser, publishing: bool = True) -> None:
-        p.add_argument("--config", type=Path, help="TOML file with [publisher] and [kafka] tables")
+        p.add_argument(
+            "--config", type=Path, help="TOML file with [publisher] and [kafka] tables ([worker] for --source worker)"
+        )
         p.add_argument("--store", type=Path, help="RocksDB directory (setting store_path)")
         p.add_argument("--bootstrap", help="Kafka bootstrap servers (fan-out)")
         p.add_argument("--topic-prefix", help="Kafka topic prefix (fan-out)")
@@ -168,9 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--index", choices=["flat", "hnsw", "none"], help="item index kind")
             p.add_argument("--fanout", action="store_true", help="also write each version to the fan-out topic")
 
-    run = sub.add_parser("run", help="publish from a ChangeSource factory")
+    run = sub.add_parser("run", help="publish the streaming worker's state, or any ChangeSource")
     common(run)
-    run.add_argument("--source", required=True, help="MODULE:FACTORY; FACTORY(PublisherSettings) -> ChangeSource")
+    run.add_argument(
+        "--source",
+        required=True,
+        help="'worker' (the streaming worker's state), or MODULE:FACTORY with FACTORY(PublisherSettings) -> ChangeSource",
+    )
+    run.add_argument("--worker-state", type=Path, help="--source worker: the worker's state directory (its state_dir)")
+    run.add_argument("--models", type=Path, help="--source worker: the model registry (the worker's models_dir)")
     run.set_defaults(func=cmd_run)
 
     sim = sub.add_parser("simulate", help="publish from random-walking synthetic users")
@@ -200,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU feature it tries
     logging.getLogger("kafka").setLevel(logging.WARNING)
     return args.func(args)
 

@@ -7,13 +7,13 @@ import json
 import logging
 import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
 
+from streaming.archive_sink import add_arguments as add_archive_arguments
 from streaming.consumer import EventConsumer
 from streaming.events import Event
 from streaming.producer import EventProducer
@@ -109,21 +109,11 @@ def cmd_consume(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Stream a synthetic day through the broker and read it back, validating every record."""
-    settings = _settings(args)
-    ensure_topics(settings)
-    events, total = _source(args)
-    with EventProducer(settings) as producer:
-        sent = replay(events, producer, rate=args.rate, total=total, description="produce")
-    print(f"produced {sent.sent:,} events at {sent.rate:,.0f} events/s: {dict(sent.by_type)}")
-    per_type, user_partitions, dead = consume_until_idle(
-        settings, f"demo-{uuid.uuid4().hex[:8]}", idle_s=10.0, expected=sent.sent
-    )
-    split = sum(1 for parts in user_partitions.values() if len(parts) > 1)
-    print(f"consumed {sum(per_type.values()):,} events: {dict(per_type)}; dead letters: {dead}")
-    print(f"{len(user_partitions):,} users, each on one partition: {split == 0}")
-    return 0 if sum(per_type.values()) == sent.sent and split == 0 else 1
+def cmd_archive(args: argparse.Namespace) -> int:
+    """Archive every event topic into daily Parquet partitions, exactly once, until SIGTERM/SIGINT (or idle)."""
+    from streaming.archive_sink import run_sink
+
+    return run_sink(args, _settings(args))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -148,6 +138,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "group_id": args.group,
             "batch_size": args.batch_size,
             "metrics_port": args.metrics_port,
+            "metrics_addr": args.metrics_addr,
         },
     )
     registry = Registry(settings.models_dir)
@@ -159,7 +150,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     ensure_topics(kafka)
     worker = Worker(kafka, settings, version, registry=registry)
     if settings.metrics_port:
-        start_http_server(settings.metrics_port, addr="127.0.0.1", registry=worker.metrics.registry)
+        start_http_server(settings.metrics_port, addr=settings.metrics_addr, registry=worker.metrics.registry)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -209,17 +200,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group", help="consumer group id (default: freshtower-worker)")
     p.add_argument("--batch-size", type=int, help="clicks per SGD step (default: 256)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off)")
+    p.add_argument("--metrics-addr", help="address the /metrics server binds (default: 127.0.0.1)")
     p.add_argument("--exit-when-idle", type=float, help="exit after this many seconds with the stream fully applied")
     p.set_defaults(run=cmd_worker)
-    p = sub.add_parser("demo", parents=[common, source], help="produce a synthetic stream and consume it back")
-    p.set_defaults(run=cmd_demo, limit=200_000)
+    p = sub.add_parser("archive", parents=[common], help="archive every event topic into daily Parquet partitions")
+    add_archive_arguments(p)
+    p.set_defaults(run=cmd_archive)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU feature it tries
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    # kafka-python warns whenever our own work delays its event loop by 100 ms; that is expected here.
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
     return int(args.run(args) or 0)
 
 

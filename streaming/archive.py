@@ -12,6 +12,11 @@ leaves at worst a stray temporary file, never a half-written ``.parquet`` that a
 Linking (rather than renaming) refuses to overwrite, so two writers on the same day never clobber
 each other's files: the loser takes the next sequence number.
 
+Writers that must make several files visible together with something else (the archive sink: files and
+the Kafka offsets they cover) use two steps: :meth:`ArchiveWriter.stage` writes synced files under temporary
+names in a directory of their choosing, and :func:`publish` gives each its final name. ``publish`` is
+idempotent, so a step interrupted by a crash can simply be repeated.
+
 Readers yield events in event-time order. Within one millisecond, catalogue and profile records
 come before impressions and clicks (so a click never precedes the record of the item it names).
 """
@@ -27,6 +32,7 @@ import re
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -34,7 +40,7 @@ import pyarrow.parquet as pq
 
 from streaming.events import Click, Event, Impression, Item, UserProfile
 
-__all__ = ["ArchiveWriter", "day_of", "days", "read_day", "read_range"]
+__all__ = ["ArchiveWriter", "StagedFile", "day_of", "days", "publish", "read_day", "read_range"]
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +174,83 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class StagedFile:
+    """A complete, synced Parquet file of one (day, type) under a temporary name that readers never match."""
+
+    path: Path
+    day: dt.date
+    kind: str
+    rows: int
+
+
+def _stage(directory: Path, day: dt.date, kind: str, table: pa.Table) -> StagedFile:
+    tmp = directory / f".{kind}-{uuid.uuid4().hex}.parquet.tmp"
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return StagedFile(tmp, day, kind, table.num_rows)
+
+
+def publish(root: str | Path, staged: StagedFile) -> Path | None:
+    """Give ``staged`` its final name in its day's partition under ``root``; returns that name.
+
+    Idempotent, for recovery after a crash part-way through: a staged file that already has a final name
+    (the crash came between the link and the removal of the temporary name) returns that name, and one that
+    is gone was published before (its temporary name is removed last), so ``None`` is returned.
+    The staged file must be on the same filesystem as ``root`` (it is hard-linked).
+    """
+    try:
+        stat = os.stat(staged.path)
+    except FileNotFoundError:
+        return None
+    return _publish(Path(root), staged, stat)
+
+
+def _publish(root: Path, staged: StagedFile, stat: os.stat_result) -> Path:
+    directory = _day_dir(root, staged.day)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = _linked_name(directory, staged.kind, stat) if stat.st_nlink > 1 else None
+    if final is None:
+        final = _link(staged.path, directory, staged.kind)
+    _fsync_dir(directory)
+    staged.path.unlink(missing_ok=True)
+    logger.debug("archived %d %s events to %s", staged.rows, staged.kind, final)
+    return final
+
+
+def _linked_name(directory: Path, kind: str, stat: os.stat_result) -> Path | None:
+    for path in directory.iterdir():
+        m = _FILE_RE.match(path.name)
+        if m and m.group(1) == kind:
+            other = path.stat()
+            if (other.st_ino, other.st_dev) == (stat.st_ino, stat.st_dev):
+                return path
+    return None
+
+
+def _link(tmp: Path, directory: Path, kind: str) -> Path:
+    seq = _next_seq(directory, kind)
+    while True:
+        final = directory / f"{kind}-{seq:06d}.parquet"
+        try:
+            # link() fails if ``final`` exists, so a concurrent writer's file is never replaced.
+            os.link(tmp, final)
+            return final
+        except FileExistsError:
+            seq += 1
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            # Filesystems without hard links: rename is still atomic, just not exclusive.
+            os.replace(tmp, final)
+            return final
+
+
 class ArchiveWriter:
     """Buffers events and writes them as daily Parquet partitions under ``root``.
 
@@ -204,39 +287,33 @@ class ArchiveWriter:
         written = []
         for key in sorted(self._buffer):
             day, kind = key
-            written.append(self._write_file(day, kind, _to_table(kind, self._buffer[key])))
+            directory = _day_dir(self.root, day)
+            directory.mkdir(parents=True, exist_ok=True)
+            staged = _stage(directory, day, kind, _to_table(kind, self._buffer[key]))
+            try:
+                written.append(_publish(self.root, staged, os.stat(staged.path)))
+            finally:
+                staged.path.unlink(missing_ok=True)
             # Dropped only once on disk: after a failed write, a retry writes the rest, nothing twice.
             self._count -= len(self._buffer.pop(key))
         return written
 
-    def _write_file(self, day: dt.date, kind: str, table: pa.Table) -> Path:
-        directory = _day_dir(self.root, day)
+    def stage(self, directory: str | Path) -> list[StagedFile]:
+        """Write every buffered event to synced temporary files in ``directory`` and empty the buffer.
+
+        Nothing is visible to readers until each file is passed to :func:`publish`. ``directory`` must be on
+        the filesystem of the archive root.
+        """
+        directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / f".{kind}-{uuid.uuid4().hex}.parquet.tmp"
-        try:
-            pq.write_table(table, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            seq = _next_seq(directory, kind)
-            while True:
-                final = directory / f"{kind}-{seq:06d}.parquet"
-                try:
-                    # link() fails if ``final`` exists, so a concurrent writer's file is never replaced.
-                    os.link(tmp, final)
-                    break
-                except FileExistsError:
-                    seq += 1
-                except OSError as exc:
-                    if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
-                        raise
-                    # Filesystems without hard links: rename is still atomic, just not exclusive.
-                    os.replace(tmp, final)
-                    break
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(directory)
-        logger.debug("archived %d %s events to %s", table.num_rows, kind, final)
-        return final
+        staged = []
+        for key in sorted(self._buffer):
+            day, kind = key
+            staged.append(_stage(directory, day, kind, _to_table(kind, self._buffer[key])))
+            self._count -= len(self._buffer.pop(key))
+        if staged:
+            _fsync_dir(directory)
+        return staged
 
     def __enter__(self) -> ArchiveWriter:
         return self

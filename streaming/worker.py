@@ -75,9 +75,11 @@ class WorkerSettings:
     idle_flush_s: float = 1.0
     change_log_checkpoints: int = 10_000
     metrics_port: int = 9101
+    metrics_addr: str = "127.0.0.1"
     sync: bool = True
     instance_id: str = ""
     model_poll_s: float = 10.0
+    start_at_cutoff: bool = True
     session_timeout_ms: int = 15_000
 
     def member_id(self) -> str:
@@ -144,6 +146,7 @@ class Worker:
             # The state was trained against another version (this one was promoted while the worker was down).
             self._reset_tables(version)
         self.learner = IncrementalLearner(version.model, version.encoder, self.builder, settings.learner(), self.state)
+        self._start_ms = version.data_cutoff_ms + 1 if settings.start_at_cutoff else None
         self.pending: list[Example] = [
             Example(**{**e, "history": tuple(e["history"])}) for e in meta.get("pending", [])
         ]
@@ -161,6 +164,8 @@ class Worker:
         self._last_checkpoint = time.monotonic()
         self._last_applied = time.monotonic()
         self._last_model_check = time.monotonic()
+        self._status = (time.monotonic(), 0)  # (when, events applied) of the last status line
+        self.applied = 0
         common = {
             "bootstrap_servers": kafka.bootstrap_servers,
             "enable_auto_commit": False,
@@ -214,6 +219,14 @@ class Worker:
         self._consumers[tp] = consumer
         if self._replay_from_ms is not None and stored is not None and self._names[tp.topic] == "clicks":
             self._rewind(tp, self._replay_from_ms)
+        elif stored is None and self._start_ms is not None and self._names[tp.topic] != "items":
+            # A new worker starts where its model's training data ends: the model has learnt what came before.
+            found = self._catalogue.offsets_for_times({tp: self._start_ms}, timeout_ms=30_000).get(tp)
+            if found is not None:
+                consumer.seek(tp, found.offset)
+                self._next[tp] = found.offset
+            else:  # everything in this partition predates the model
+                consumer.seek_to_end(tp)
 
     def _rewind(self, tp: TopicPartition, from_ms: int) -> None:
         """Re-read the clicks of ``tp`` from event time ``from_ms`` for SGD only (a model switch's replay)."""
@@ -310,13 +323,18 @@ class Worker:
         """Apply releasable events for up to ``budget_s``, so that checkpoints and fetches keep their pace."""
         applied = 0
         deadline = time.monotonic() + budget_s
-        while self._heads and not self._blocked() and (applied % 256 or time.monotonic() < deadline):
+        # Positions and high-water marks change only inside poll(), so the full check runs once here; after
+        # that only a partition that has just run dry can block the merge.
+        blocked = not self._heads or self._blocked()
+        while not blocked and self._heads and (applied % 256 or time.monotonic() < deadline):
             _, _, _, _, tp = heapq.heappop(self._heads)
             queue = self._queues[tp]
             item = queue.popleft()
             self._buffered -= 1
             if queue:
                 self._push_head(tp)
+            else:
+                blocked = not self._caught_up(tp)
             self._next[tp] = item.offset + 1
             replay_until = self._replay_until.get(_tp_key(tp))
             if replay_until is not None and item.offset + 1 >= replay_until:
@@ -495,6 +513,21 @@ class Worker:
                 self._consumers[tp].resume(tp)
                 self._paused.discard(tp)
 
+    def _log_status(self, every_s: float = 5.0) -> None:
+        """One progress line every ``every_s``: what a person watching the worker wants to know."""
+        now = time.monotonic()
+        since, before = self._status
+        if now - since < every_s:
+            return
+        self._status = (now, self.applied)
+        lag = sum(max(0, (c.highwater(tp) or 0) - n) for tp, c in self._consumers.items() if (n := self._next[tp]) >= 0)
+        logger.info(
+            "applied %d events (%.0f/s), %d examples, %d/%d user/item rows, watermark %s, lag %d, model %s",
+            self.applied, (self.applied - before) / (now - since), self.learner.examples, len(self.learner.users),
+            len(self.learner.items), time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.builder.watermark_ms / 1000)),
+            lag, self.model_version,
+        )  # fmt: skip
+
     def idle(self) -> bool:
         return self._buffered == 0 and all(self._caught_up(tp) for tp in self._queues)
 
@@ -507,8 +540,11 @@ class Worker:
                 fetched = self._fetch(timeout_ms=50 if self._buffered else 200)
                 if not self._group.assignment():
                     continue  # do not apply the catalogue ahead of user partitions that are not assigned yet
-                if self._release():
+                released = self._release()
+                if released:
                     self._last_applied = time.monotonic()
+                    self.applied += released
+                self._log_status()
                 self._backpressure()
                 now = time.monotonic()
                 quiet = now - self._last_applied

@@ -7,19 +7,24 @@ import logging
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m trainer",
         description="Train and evaluate the freshtower two-tower retrieval model.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # Each command module registers its own parser and returns the function that runs it.
+    # Each command module registers its own parser and the function that runs it.
     from trainer import evaluate, full
 
     full.add_parser(sub)
     evaluate.add_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU feature it tries
     return int(args.run(args) or 0)
 
 
