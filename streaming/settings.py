@@ -3,8 +3,8 @@
 Each process defines a frozen dataclass of its settings and builds it once with
 :func:`load_settings`; the object is then passed down explicitly. Precedence, lowest first: the
 dataclass defaults, the ``[section]`` table of the TOML file named by ``FRESHTOWER_CONFIG`` (or the
-``config`` argument), ``FRESHTOWER_<FIELD>`` environment variables, explicit ``overrides``
-(command-line flags).
+``config`` argument), ``FRESHTOWER_<FIELD>`` environment variables, ``FRESHTOWER_<SECTION>_<FIELD>``
+variables, explicit ``overrides`` (command-line flags).
 """
 
 from __future__ import annotations
@@ -108,9 +108,11 @@ def load_settings(
             raise SettingsError(f"{config} [{section}]: unknown setting(s) {sorted(unknown)}; known: {sorted(fields)}")
         values.update(table)
     for name in fields:
-        key = ENV_PREFIX + name.upper()
-        if key in env:
-            values[name] = env[key]
+        # FRESHTOWER_<SECTION>_<FIELD> wins over FRESHTOWER_<FIELD>: processes that share a machine (and a
+        # field name such as metrics_port) can then be configured apart.
+        for key in (ENV_PREFIX + name.upper(), f"{ENV_PREFIX}{section.upper()}_{name.upper()}"):
+            if key in env:
+                values[name] = env[key]
     for name, value in (overrides or {}).items():
         if value is not None:
             if name not in fields:

@@ -9,6 +9,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from kafka import KafkaProducer
 
 from streaming.events import Click, Impression, Item
 from streaming.settings import KafkaSettings
@@ -43,6 +44,11 @@ def test_dense_layers_stay_bit_identical_while_touched_id_rows_move(kafka_settin
     dense_before = [p.detach().clone() for p in version.model.dense_parameters()]
     ids_before = [p.detach().clone() for p in version.model.id_embedding_parameters()]
     produce(kafka_settings, day_two)
+    # Two malformed records in the middle of the stream: dead-lettered, the stream goes on around them.
+    raw = KafkaProducer(bootstrap_servers=kafka_settings.bootstrap_servers)
+    raw.send(kafka_settings.topic("clicks"), key=b"u1", value=b'{"v": 1, "type": "click"')
+    raw.send(kafka_settings.topic("impressions"), key=b"u1", value=b'{"v": 9}')
+    raw.close()
 
     settings = WorkerSettings(state_dir=tmp_path / "state", group_id=f"w-{uuid.uuid4().hex[:8]}", batch_size=64)
     worker = Worker(kafka_settings, settings, version)
@@ -51,6 +57,9 @@ def test_dense_layers_stay_bit_identical_while_touched_id_rows_move(kafka_settin
     clicks = [e for e in day_two if isinstance(e, Click)]
     assert worker.builder.stats.clicks == len(clicks)
     assert worker.learner.examples == len(clicks)  # the idle flush trained the last partial batch too
+    dead = worker.metrics.registry.get_sample_value
+    assert dead("freshtower_dead_letters_total", {"topic": kafka_settings.topic("clicks")}) == 1
+    assert dead("freshtower_dead_letters_total", {"topic": kafka_settings.topic("impressions")}) == 1
     # Dense parameters: bit for bit what the full model shipped.
     dense_after = version.model.dense_parameters()
     assert len(dense_after) == len(dense_before) > 0

@@ -1,0 +1,61 @@
+"""Settings precedence and validation: defaults < TOML table < FRESHTOWER_X < FRESHTOWER_SECTION_X < flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from streaming.settings import SettingsError, load_settings
+
+
+@dataclass(frozen=True)
+class Example:
+    port: int = 1
+    rate: float = 0.5
+    name: str = "default"
+    sync: bool = True
+    path: Path = Path("data")
+    topics: tuple[str, ...] = ("a",)
+    limit: int | None = None
+
+
+def test_precedence_from_defaults_to_flags(tmp_path):
+    config = tmp_path / "freshtower.toml"
+    config.write_text('[example]\nport = 2\nname = "toml"\nrate = 3\n[other]\nport = 99\n')
+    env = {"FRESHTOWER_PORT": "3", "FRESHTOWER_EXAMPLE_NAME": "scoped", "FRESHTOWER_NAME": "generic"}
+    got = load_settings(Example, section="example", config=config, environ=env, overrides={"rate": None})
+    # port: TOML 2, then FRESHTOWER_PORT 3; name: the section-scoped variable beats the generic one;
+    # rate: TOML's integer 3 becomes a float, and an override of None means "not given".
+    assert got == Example(port=3, rate=3.0, name="scoped")
+    got = load_settings(Example, section="example", config=config, environ=env, overrides={"port": 4})
+    assert got.port == 4
+
+
+def test_environment_strings_are_converted():
+    env = {"FRESHTOWER_SYNC": "off", "FRESHTOWER_PATH": "/tmp/x", "FRESHTOWER_TOPICS": "a, b,c", "FRESHTOWER_LIMIT": "7"}
+    got = load_settings(Example, section="example", environ=env)
+    assert (got.sync, got.path, got.topics, got.limit) == (False, Path("/tmp/x"), ("a", "b", "c"), 7)
+    assert load_settings(Example, section="example", environ={"FRESHTOWER_LIMIT": "none"}).limit is None
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FRESHTOWER_PORT": "eighty"}, "setting 'port': expected int, got 'eighty'"),
+        ({"FRESHTOWER_SYNC": "maybe"}, "setting 'sync': expected a boolean (true/false), got 'maybe'"),
+    ],
+)
+def test_bad_values_say_what_was_expected(env, message):
+    with pytest.raises(SettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_settings(Example, section="example", environ=env)
+
+
+def test_unknown_names_are_refused(tmp_path):
+    config = tmp_path / "freshtower.toml"
+    config.write_text("[example]\nprot = 2\n")
+    with pytest.raises(SettingsError, match=r"unknown setting\(s\) \['prot'\]"):
+        load_settings(Example, section="example", config=config, environ={})
+    with pytest.raises(SettingsError, match="unknown setting 'speed'"):
+        load_settings(Example, section="example", environ={}, overrides={"speed": 1})
