@@ -25,12 +25,13 @@ import time
 from dataclasses import asdict
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import KafkaAdminClient, NewTopic
+from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from publisher.records import Delta, Meta, Publish, decode_item, decode_user, encode_item, encode_user
 from publisher.store import Store
 from streaming.settings import KafkaSettings
+from streaming.topics import connect_admin, wait_for_metadata
 
 __all__ = ["Fanout", "Replica", "ensure_fanout_topic"]
 
@@ -42,14 +43,7 @@ MARKER = b"m"
 def ensure_fanout_topic(settings: KafkaSettings, topic: str, *, timeout_s: float = 30.0) -> None:
     """Create the compacted single-partition fan-out topic if it is missing, and wait for its leader."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id="freshtower-fanout-admin")
-            break
-        except KafkaError as exc:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}") from exc
-            time.sleep(0.5)
+    admin = connect_admin(settings, "freshtower-fanout-admin", deadline)
     try:
         if topic not in set(admin.list_topics()):
             configs = {"cleanup.policy": "compact"}
@@ -58,15 +52,7 @@ def ensure_fanout_topic(settings: KafkaSettings, topic: str, *, timeout_s: float
                 logger.info("created fan-out topic %s", topic)
             except TopicAlreadyExistsError:
                 pass
-        while True:
-            described = admin.describe_topics([topic])
-            if all(
-                t.get("error_code") == 0 and t["partitions"] and t["partitions"][0]["leader_id"] >= 0 for t in described
-            ):
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"fan-out topic {topic} has no leader yet: {described}")
-            time.sleep(0.2)
+        wait_for_metadata(admin, [topic], deadline)
     finally:
         admin.close()
 

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from streaming.events import Click, Event, Impression, Item, UserProfile
 
-__all__ = ["ArchiveWriter", "StagedFile", "day_of", "days", "publish", "read_day", "read_range"]
+__all__ = ["ArchiveWriter", "StagedFile", "day_of", "days", "fsync_dir", "publish", "read_day", "read_range"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,8 @@ def _from_batch(kind: str, batch: pa.RecordBatch) -> Iterator[Event]:
             )
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new file in ``path`` durable (the directory entry itself is synced)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -217,7 +218,7 @@ def _publish(root: Path, staged: StagedFile, stat: os.stat_result) -> Path:
     final = _linked_name(directory, staged.kind, stat) if stat.st_nlink > 1 else None
     if final is None:
         final = _link(staged.path, directory, staged.kind)
-    _fsync_dir(directory)
+    fsync_dir(directory)
     staged.path.unlink(missing_ok=True)
     logger.debug("archived %d %s events to %s", staged.rows, staged.kind, final)
     return final
@@ -312,7 +313,7 @@ class ArchiveWriter:
             staged.append(_stage(directory, day, kind, _to_table(kind, self._buffer[key])))
             self._count -= len(self._buffer.pop(key))
         if staged:
-            _fsync_dir(directory)
+            fsync_dir(directory)
         return staged
 
     def __enter__(self) -> ArchiveWriter:

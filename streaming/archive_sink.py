@@ -50,13 +50,12 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from streaming.archive import ArchiveWriter, StagedFile, publish
-from streaming.consumer import DeadLetter, check_record
+from streaming.consumer import DeadLetter, RebalanceCallbacks, check_record
 from streaming.events import Event, InvalidEvent, Limits
 from streaming.settings import KafkaSettings, load_settings
 from streaming.topics import DEADLETTER, EVENT_TOPICS
@@ -90,17 +89,6 @@ class SinkMetrics:
         self.watermark = Gauge(
             "freshtower_archive_watermark_timestamp_seconds", "Newest event time made durable", registry=r
         )
-
-
-class _Listener(ConsumerRebalanceListener):
-    def __init__(self, sink: ArchiveSink) -> None:
-        self.sink = sink
-
-    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.sink._on_revoked(revoked)
-
-    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.sink._on_assigned(assigned)
 
 
 def _key(topic: str, partition: int) -> str:
@@ -189,7 +177,7 @@ class ArchiveSink:
                 bootstrap_servers=kafka_settings.bootstrap_servers, acks="all", linger_ms=5, retries=10**9
             )
             topics = [kafka_settings.topic(name) for name in EVENT_TOPICS.values()]
-            self._consumer.subscribe(topics, listener=_Listener(self))
+            self._consumer.subscribe(topics, listener=RebalanceCallbacks(self._on_assigned, self._on_revoked))
         except BaseException:
             if hasattr(self, "_consumer"):
                 self._consumer.close()

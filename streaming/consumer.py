@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
 
 from streaming.events import Event, InvalidEvent, Limits, decode, event_key
 from streaming.settings import KafkaSettings
 from streaming.topics import DEADLETTER, type_for_topic
 
-__all__ = ["DeadLetter", "EventConsumer", "Received", "check_record"]
+__all__ = ["DeadLetter", "EventConsumer", "RebalanceCallbacks", "Received", "check_record"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,23 @@ def check_record(topic: str, key: bytes | None, value: bytes | None, settings: K
         shown = key.decode(errors="replace") if key is not None else None
         raise InvalidEvent(f"record key {shown!r} does not match the event's key {event_key(event).decode()!r}")
     return event
+
+
+class RebalanceCallbacks(ConsumerRebalanceListener):
+    """kafka-python's listener interface over two plain callables (a worker's own methods)."""
+
+    def __init__(
+        self,
+        on_assigned: Callable[[set[TopicPartition]], None],
+        on_revoked: Callable[[set[TopicPartition]], None],
+    ) -> None:
+        self._on_assigned, self._on_revoked = on_assigned, on_revoked
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._on_revoked(revoked)
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self._on_assigned(assigned)
 
 
 @dataclass

@@ -18,7 +18,15 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 from streaming.events import Click, Event, Impression, Item, UserProfile
 from streaming.settings import KafkaSettings
 
-__all__ = ["DEADLETTER", "EVENT_TOPICS", "ensure_topics", "topic_for", "type_for_topic"]
+__all__ = [
+    "DEADLETTER",
+    "EVENT_TOPICS",
+    "connect_admin",
+    "ensure_topics",
+    "topic_for",
+    "type_for_topic",
+    "wait_for_metadata",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +52,7 @@ def ensure_topics(settings: KafkaSettings, *, timeout_s: float = 30.0) -> list[s
     """Create the event and dead-letter topics if missing; return the full names. Idempotent."""
     names = [*EVENT_TOPICS.values(), DEADLETTER]
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id="freshtower-admin")
-            break
-        except KafkaError as exc:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}") from exc
-            time.sleep(0.5)
+    admin = connect_admin(settings, "freshtower-admin", deadline)
     try:
         existing = set(admin.list_topics())
         new = []
@@ -69,13 +70,24 @@ def ensure_topics(settings: KafkaSettings, *, timeout_s: float = 30.0) -> list[s
             except TopicAlreadyExistsError:
                 pass  # another process created them between list and create
             logger.info("created topics %s", [t.name for t in new])
-        _wait_for_metadata(admin, [settings.topic(n) for n in names], deadline)
+        wait_for_metadata(admin, [settings.topic(n) for n in names], deadline)
     finally:
         admin.close()
     return [settings.topic(n) for n in names]
 
 
-def _wait_for_metadata(admin: KafkaAdminClient, topics: list[str], deadline: float) -> None:
+def connect_admin(settings: KafkaSettings, client_id: str, deadline: float) -> KafkaAdminClient:
+    """An admin client, retrying until ``deadline`` (time.monotonic()) while the broker is not up yet."""
+    while True:
+        try:
+            return KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id=client_id)
+        except KafkaError as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}") from exc
+            time.sleep(0.5)
+
+
+def wait_for_metadata(admin: KafkaAdminClient, topics: list[str], deadline: float) -> None:
     # create_topics returns once the controller accepted the request; leaders may be elected a
     # moment later. Producing before that fails the first sends, so wait until every partition has one.
     while True:

@@ -29,11 +29,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from streaming.consumer import DeadLetter, check_record
+from streaming.consumer import DeadLetter, RebalanceCallbacks, check_record
 from streaming.events import Click, Event, InvalidEvent, Limits
 from streaming.examples import Example, ExampleBuilder, ExampleSettings
 from streaming.learner import IncrementalLearner, LearnerSettings
@@ -103,17 +102,6 @@ class _Queued:
     event: Event | None  # None: a dead letter (already sent); only its offset matters
 
 
-class _Listener(ConsumerRebalanceListener):
-    def __init__(self, worker: Worker) -> None:
-        self.worker = worker
-
-    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.worker._on_revoked(revoked)
-
-    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.worker._on_assigned(assigned)
-
-
 def _tp_key(tp: TopicPartition) -> str:
     return f"{tp.topic}:{tp.partition}"
 
@@ -181,7 +169,9 @@ class Worker:
             client_id="freshtower-worker",
             **common,
         )
-        self._group.subscribe([kafka.topic(t) for t in _USER_TOPICS], listener=_Listener(self))
+        self._group.subscribe(
+            [kafka.topic(t) for t in _USER_TOPICS], listener=RebalanceCallbacks(self._on_assigned, self._on_revoked)
+        )
         # The catalogue is global: every worker reads every partition of the items topic, outside the group.
         self._catalogue = KafkaConsumer(group_id=None, client_id="freshtower-worker-items", **common)
         self._dlq = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all", linger_ms=5, retries=10**9)

@@ -34,7 +34,12 @@ def test_precedence_from_defaults_to_flags(tmp_path):
 
 
 def test_environment_strings_are_converted():
-    env = {"FRESHTOWER_SYNC": "off", "FRESHTOWER_PATH": "/tmp/x", "FRESHTOWER_TOPICS": "a, b,c", "FRESHTOWER_LIMIT": "7"}
+    env = {
+        "FRESHTOWER_SYNC": "off",
+        "FRESHTOWER_PATH": "/tmp/x",
+        "FRESHTOWER_TOPICS": "a, b,c",
+        "FRESHTOWER_LIMIT": "7",
+    }
     got = load_settings(Example, section="example", environ=env)
     assert (got.sync, got.path, got.topics, got.limit) == (False, Path("/tmp/x"), ("a", "b", "c"), 7)
     assert load_settings(Example, section="example", environ={"FRESHTOWER_LIMIT": "none"}).limit is None

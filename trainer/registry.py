@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from streaming.archive import fsync_dir
 from trainer.artifact import MANIFEST, read_manifest, verify_files
 
 __all__ = ["Registry", "RegistryError", "VersionInfo"]
@@ -63,22 +64,14 @@ def _check_id(version_id: str) -> str:
     return version_id
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(path: Path) -> None:
     for sub in sorted(path.rglob("*")):
         if sub.is_file():
             with open(sub, "rb") as fh:
                 os.fsync(fh.fileno())
     for sub in sorted(p for p in path.rglob("*") if p.is_dir()):
-        _fsync_dir(sub)
-    _fsync_dir(path)
+        fsync_dir(sub)
+    fsync_dir(path)
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
@@ -88,7 +81,7 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class Registry:
@@ -181,7 +174,7 @@ class Registry:
             verify_files(staging, manifest)
             _fsync_tree(staging)
             os.rename(staging, final)  # fails (ENOTEMPTY / EEXIST) rather than merge into an existing version
-            _fsync_dir(self.versions_dir)
+            fsync_dir(self.versions_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
