@@ -212,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--worker-state", type=Path, help="--source worker: the worker's state directory (its state_dir)")
     run.add_argument("--models", type=Path, help="--source worker: the model registry (the worker's models_dir)")
-    run.set_defaults(func=cmd_run)
+    run.set_defaults(run=cmd_run)
 
     sim = sub.add_parser("simulate", help="publish from random-walking synthetic users")
     common(sim)
@@ -224,17 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--model-version", default="sim-0")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (0 = until SIGTERM)")
-    sim.set_defaults(func=cmd_simulate)
+    sim.set_defaults(run=cmd_simulate)
 
     rep = sub.add_parser("replica", help="materialise the fan-out topic into a local store")
     common(rep, publishing=False)
-    rep.set_defaults(func=cmd_replica)
+    rep.set_defaults(run=cmd_replica)
 
     ins = sub.add_parser("inspect", help="print a store's meta and some rows")
     ins.add_argument("--store", type=Path, required=True)
     ins.add_argument("--user", action="append", default=[], help="also print this user's row (repeatable)")
     ins.add_argument("--item", action="append", default=[], help="also print this item's row (repeatable)")
-    ins.set_defaults(func=cmd_inspect)
+    ins.set_defaults(run=cmd_inspect)
     return parser
 
 
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU feature it tries
     logging.getLogger("kafka").setLevel(logging.WARNING)
-    return args.func(args)
+    return args.run(args)
 
 
 if __name__ == "__main__":

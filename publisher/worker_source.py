@@ -83,11 +83,10 @@ class WorkerCursor:
     @classmethod
     def parse(cls, cursor: str) -> WorkerCursor | None:
         """The cursor written by :class:`WorkerSource`, or ``None`` for "" and anything else."""
-        seq, _, rest = cursor.partition(":")
-        model_version, _, state_id = rest.partition(":")
-        if not seq.isdigit():
+        parts = cursor.split(":", 2)
+        if len(parts) != 3 or not parts[0].isdigit():
             return None
-        return cls(int(seq), model_version, state_id)
+        return cls(int(parts[0]), parts[1], parts[2])
 
 
 def _batches(ids: list[str], size: int) -> Iterator[list[str]]:

@@ -446,9 +446,11 @@ class Worker:
         for tp, nxt in self._next.items():
             if nxt < 0 and not self._queues[tp]:
                 try:
-                    self._next[tp] = self._consumers[tp].position(tp, timeout_ms=0)
+                    position = self._consumers[tp].position(tp, timeout_ms=0)
                 except KafkaError:
-                    pass
+                    position = None
+                if position is not None:  # None until the consumer has resolved it (e.g. after seek_to_end)
+                    self._next[tp] = position
             elif nxt < 0:
                 self._next[tp] = self._queues[tp][0].offset
 

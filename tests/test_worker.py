@@ -160,3 +160,19 @@ def _wait(condition, timeout_s: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(0.1)
+
+
+def test_a_new_worker_starts_where_its_model_was_trained_up_to(kafka_settings, tmp_path, world_split):
+    _, day_one, day_two = world_split
+    clicks = [e for e in day_two if isinstance(e, Click)]
+    cutoff = clicks[len(clicks) // 3].ts_ms
+    # The model has learnt day one and the first third of day two; all of it is in Kafka.
+    registry = register_model(tmp_path / "models", day_one + [e for e in day_two if e.ts_ms <= cutoff])
+    version = load_version(registry.path("v1"))
+    assert version.data_cutoff_ms == cutoff
+    produce(kafka_settings, day_one + day_two)
+
+    settings = WorkerSettings(state_dir=tmp_path / "state", group_id=f"w-{uuid.uuid4().hex[:8]}", batch_size=64)
+    worker = Worker(kafka_settings, settings, version)
+    run_to_idle(worker)
+    assert worker.learner.examples == sum(1 for c in clicks if c.ts_ms > cutoff)

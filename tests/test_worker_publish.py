@@ -73,10 +73,13 @@ def item_vectors(version: ModelVersion, ids: list[str], catalogue: dict, rows: n
 def test_publishes_effective_rows_and_new_items_then_only_what_changed(kafka_settings, tmp_path, world):
     day_one, day_two, models, version = world
     model, encoder = version.model, version.encoder
-    # The compacted catalogue and profile topics hold day one's records too; the stream is day two.
-    records = [e for e in day_one if isinstance(e, Item | UserProfile)]
-    template = next(e for e in records if isinstance(e, Item))
+    # The compacted catalogue topic holds day one's records too; the stream is day two, after the model's data
+    # cutoff, with every user's profile restated in it.
     cutoff = version.data_cutoff_ms
+    catalogue = [e for e in day_one if isinstance(e, Item)]
+    profiles = [e for e in day_one if isinstance(e, UserProfile)]
+    records = [*catalogue, *(dataclasses.replace(p, ts_ms=cutoff + 1 + k) for k, p in enumerate(profiles))]
+    template = catalogue[0]
     fresh = Item("fresh-1", template.category, template.tags, dict(template.stats), cutoff + 60_000, cutoff + 60_000)
     # A user the model never saw, clicking once: below admission (min_count=2), so no online row.
     newcomer = Click("newcomer", template.item_id, "r-newcomer", day_two[-1].ts_ms + 1)
@@ -122,11 +125,11 @@ def test_publishes_effective_rows_and_new_items_then_only_what_changed(kafka_set
             # A clicked item is served with its trained online row, which moved it away from the model's vector.
             known = set(encoder.item_vocab.tokens)
             hot, _ = Counter(e.item_id for e in events if isinstance(e, Click) and e.item_id in known).most_common(1)[0]
-            catalogue = worker.builder.catalogue
-            online = item_vectors(version, [hot], catalogue, worker.learner.items.row(hot)[None])[0]
+            features = worker.builder.catalogue
+            online = item_vectors(version, [hot], features, worker.learner.items.row(hot)[None])[0]
             np.testing.assert_allclose(view.item(hot).vector, online, rtol=0, atol=1e-6)
             with torch.no_grad():
-                frozen = model.item_vectors(encoder.encode_items([hot], catalogue))[0].numpy()  # the model's own row
+                frozen = model.item_vectors(encoder.encode_items([hot], features))[0].numpy()  # the model's own row
             assert np.abs(online - frozen).max() > 1e-4
         ids, scores = publisher.index.search(expected, 1)
         assert ids == [["fresh-1"]] and scores[0, 0] == pytest.approx(1.0, abs=1e-5)
@@ -225,29 +228,36 @@ def test_a_publisher_beside_the_running_worker_publishes_whole_checkpoints(kafka
     produce(kafka_settings, stream)
 
     state_dir = tmp_path / "state"
-    batch, log_kept = 16, 4
+    batch = 8
     settings = WorkerSettings(
         state_dir=state_dir,
         models_dir=models,
         group_id=f"w-{uuid.uuid4().hex[:8]}",
         batch_size=batch,
         checkpoint_interval_s=0.05,
-        change_log_checkpoints=log_kept,
         sync=False,
     )
     worker = Worker(kafka_settings, settings, version)
-    thread = threading.Thread(target=run_to_idle, args=(worker,), daemon=True)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            run_to_idle(worker)
+        except BaseException as exc:  # surfaced by the assertion after join()
+            errors.append(exc)
+
+    thread = threading.Thread(target=work, daemon=True)
     thread.start()
 
     published: list[Published] = []
     pub_settings = PublisherSettings(store_path=tmp_path / "kv", interval_s=1.0, index_kind="none")
     with (
-        WorkerSource(state_dir, models, change_log_checkpoints=log_kept) as source,
+        WorkerSource(state_dir, models) as source,
         RocksStore(pub_settings.store_path, sync=False) as store,
+        caplog.at_level(logging.INFO, logger="publisher.worker_source"),
     ):
         publisher = Publisher(store, source, pub_settings)
-        deadline = time.monotonic() + 60
-        while worker.checkpoints < 2 and time.monotonic() < deadline:
+        while worker.checkpoints < 2 and thread.is_alive():
             time.sleep(0.01)  # checkpoint 1 is durable once the worker counts 2
         running = True
         while running:
@@ -267,6 +277,7 @@ def test_a_publisher_beside_the_running_worker_publishes_whole_checkpoints(kafka
                 )
             time.sleep(0.03)
         thread.join()
+        assert not errors, errors
         final = published[-1]  # idle checkpoints after it changed nothing, so wrote no version
         assert final.watermark_ms == clicks[-1].ts_ms and final.checkpoint <= worker.checkpoints
 
@@ -277,11 +288,10 @@ def test_a_publisher_beside_the_running_worker_publishes_whole_checkpoints(kafka
         examples = [x for x in (builder.add(e) for e in stream) if x is not None]
         click_times = np.array([c.ts_ms for c in clicks])
         # Every version but the last was written while clicks were still arriving (the last one holds the idle
-        # flush of the final partial batch); at least three came from the change log, not a full republish.
+        # flush of the final partial batch); all but the first came from the change log.
         intermediate = published[:-1]
-        assert sum(len(p.users) < len(users) for p in intermediate) >= 3, [
-            (p.checkpoint, len(p.users)) for p in published
-        ]
+        assert len(intermediate) >= 3, [(p.checkpoint, p.watermark_ms) for p in published]
+        assert caplog.text.count("republishing every row") == 1 and "first publish" in caplog.text
         trained, discriminating = 0, 0
         previous_lists: dict[str, tuple[str, ...]] = {}
         previous_batches = 0
@@ -321,32 +331,13 @@ def test_a_publisher_beside_the_running_worker_publishes_whole_checkpoints(kafka
 
         # This secondary tailed the worker's log while it ran; after the worker closed (flushing its memtable
         # to a table file) it still reads the last checkpoint whole.
-        now = WorkerCursor.parse(source.changes_since("").cursor)
-        assert now.checkpoint == worker.checkpoints
-        # The worker keeps 4 checkpoints of change log: a cursor from the first version is behind it.
-        assert worker.checkpoints - published[0].checkpoint > log_kept
-        kept = StateStore(state_dir, secondary=tmp_path / "secondary")
-        logged = {int(key[2:18], 16) for key, _ in kept.scan(b"x:")}
-        kept.close()
-        assert min(logged, default=worker.checkpoints) > worker.checkpoints - log_kept
-        behind = dataclasses.replace(now, checkpoint=published[0].checkpoint)
-        with caplog.at_level(logging.INFO, logger="publisher.worker_source"):
-            caplog.clear()
-            full = source.changes_since(str(behind))
-            assert "fell more than 4 checkpoints behind" in caplog.text
-            caplog.clear()
-            other_model = source.changes_since(str(dataclasses.replace(now, model_version="v0")))
-            assert "model version changed from 'v0' to 'v1'" in caplog.text
-        assert set(full.users) == set(other_model.users) == set(worker.builder.last_n)
-        assert set(full.items) == {i.item_id for i in catalogue}
-        for user_id, (vector, last_n) in full.users.items():
-            np.testing.assert_array_equal(vector, worker.learner.users.row(user_id))
-            assert last_n == tuple(worker.builder.last_n[user_id])
-        nothing = source.changes_since(str(now))
-        assert (nothing.users, nothing.items, nothing.cursor) == ({}, {}, str(now))
+        last = WorkerCursor.parse(source.changes_since("").cursor)
+        assert last.checkpoint == worker.checkpoints
 
 
-def test_a_worker_closing_between_two_pulls_leaves_no_torn_read_and_idle_checkpoints_keep_the_cursor(tmp_path, world):
+def test_a_worker_closing_between_two_pulls_leaves_no_torn_read_and_idle_checkpoints_keep_the_cursor(
+    tmp_path, world, caplog
+):
     """Checkpoints written by hand in the worker's layout, keeping 2 checkpoints of change log like a worker would."""
     _, _, models, version = world
     dim = version.model_config.id_dim
@@ -397,7 +388,25 @@ def test_a_worker_closing_between_two_pulls_leaves_no_torn_read_and_idle_checkpo
             assert pulled(source.changes_since(fourth.cursor)) == (seq, 8000, {})
         checkpoint(12, "a")
         assert pulled(source.changes_since(fourth.cursor)) == (12, 12000, {"a": (12.0, ("i12",))})
-    # A source that did not watch the idle checkpoints cannot tell: every row again.
-    with WorkerSource(tmp_path / "state", models, change_log_checkpoints=2) as source:
-        assert pulled(source.changes_since(fourth.cursor)) == (12, 12000, {"a": (12.0, ("i12",)), "b": (8.0, ("i8",))})
+    # A source that did not watch the idle checkpoints finds the log no longer reaching back to the cursor:
+    # every row again, and a log line saying why. So for a cursor of another model or another database.
+    everything = (12, 12000, {"a": (12.0, ("i12",)), "b": (8.0, ("i8",))})
+    with (
+        WorkerSource(tmp_path / "state", models, change_log_checkpoints=2) as source,
+        caplog.at_level(logging.INFO, logger="publisher.worker_source"),
+    ):
+        full = source.changes_since(fourth.cursor)
+        assert pulled(full) == everything
+        assert "the change log keeps checkpoints from 11, the cursor needs them from 9" in caplog.text
+        now = WorkerCursor.parse(full.cursor)
+        for cursor, reason in (
+            (dataclasses.replace(now, model_version="v0"), "model version changed from 'v0' to 'v1'"),
+            (dataclasses.replace(now, state_id="another-database"), "the worker state was rebuilt"),
+            (dataclasses.replace(now, checkpoint=13), "the worker state was rebuilt"),
+            ("8", "is not a worker cursor"),
+        ):
+            caplog.clear()
+            assert pulled(source.changes_since(str(cursor))) == everything
+            assert reason in caplog.text
+        assert pulled(source.changes_since(str(now))) == (12, 12000, {})
     state.close()
