@@ -9,7 +9,10 @@ How readers never see a torn version (:class:`RocksStore`):
   the meta record, so a crash anywhere before the batch is in the write-ahead log leaves the
   previous version whole; RocksDB's recovery drops a torn log tail.
 - Serving processes open a *secondary* instance (:class:`RocksSecondary`) and call
-  ``try_catch_up_with_primary()``, which replays the primary's log a whole batch at a time.
+  ``try_catch_up_with_primary()``, which replays the primary's log a whole batch at a time;
+  except after the primary flushed (a close, a restart, a full memtable), when a catch-up reads
+  a mix of two versions (rocksdict 0.3.29, measured): then the secondary is opened afresh
+  (:mod:`publisher.follower`).
 - Inside one process, views and state changes are ordered by a readers-writer lock: a catch-up
   (secondary) or a batch write (primary) waits until the open views close, and views opened
   after it see all of it. RocksDB snapshots are not used because with rocksdict 0.3.29 neither
@@ -40,6 +43,7 @@ from pathlib import Path
 import numpy as np
 from rocksdict import AccessType, Options, Rdict, ReadOptions, WriteBatch, WriteOptions
 
+from publisher.follower import Follower
 from publisher.records import (
     Delta,
     ItemRow,
@@ -442,8 +446,10 @@ class RocksSecondary(_RocksReadable):
     """A read-only follower of the primary at ``path`` for another process (serving, benchmarks).
 
     Each :meth:`reader` first replays what the primary wrote since the last one
-    (``try_catch_up_with_primary``, whole batches) unless ``catch_up=False``. ``secondary_path``
-    holds the follower's own small files; a temporary directory (removed on close) by default.
+    (``try_catch_up_with_primary``, whole batches) unless ``catch_up=False``; after the primary
+    flushed, closed or restarted, it opens the secondary afresh instead (:mod:`publisher.follower`).
+    ``secondary_path`` holds the follower's own small files; a temporary directory (removed on
+    close) by default.
     """
 
     def __init__(self, path: str | Path, secondary_path: str | Path | None = None) -> None:
@@ -451,26 +457,51 @@ class RocksSecondary(_RocksReadable):
         if not (self.path / "CURRENT").exists():
             raise FileNotFoundError(f"no RocksDB store at {self.path}: the publisher creates it on start")
         self._tmp = None if secondary_path is not None else tempfile.mkdtemp(prefix="freshtower-secondary-")
-        opts = Options(raw_mode=True)
-        opts.set_max_open_files(-1)  # RocksDB's advice for secondaries: keep every file open so none vanish mid-read
-        access = AccessType.secondary(str(secondary_path or self._tmp))
-        self._db = Rdict(str(self.path), opts, access_type=access)
+        self._secondary_path = str(secondary_path or self._tmp)
+        self._db: Rdict | None = None
         self._lock = _RWLock()
+        self._follower = Follower(self.path)
+        try:
+            self._follower.sync(self._catch_up, self._reopen, _nothing)
+        except BaseException:
+            self.close()
+            raise
 
     @contextmanager
     def reader(self, catch_up: bool = True) -> Iterator[StoreView]:
         if catch_up:
             with self._lock.exclusive():
-                try:
-                    self._db.try_catch_up_with_primary()
-                except Exception as exc:  # rocksdict raises plain Exception
-                    # Replay stops at whole batches, so what is readable is still one version: serve
-                    # it, slightly stale, rather than fail the request; the next view tries again.
-                    logger.warning("catching up with the primary at %s failed: %s", self.path, exc)
+                self._follower.sync(self._catch_up, self._reopen, _nothing)
+        if self._db is None:
+            raise RuntimeError(f"the follower of {self.path} is closed, or its last reopen failed; expected it open")
         with self._view() as view:
             yield view
 
+    def _catch_up(self) -> None:
+        try:
+            self._db.try_catch_up_with_primary()
+        except Exception as exc:  # rocksdict raises plain Exception
+            # Replay stops at whole batches, so what is readable is still one version: serve
+            # it, slightly stale, rather than fail the request; the next view tries again.
+            logger.warning("catching up with the primary at %s failed: %s", self.path, exc)
+
+    def _reopen(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        opts = Options(raw_mode=True)
+        opts.set_max_open_files(-1)  # RocksDB's advice for secondaries: keep every file open so none vanish mid-read
+        access = AccessType.secondary(self._secondary_path)
+        self._db = Rdict(str(self.path), opts, access_type=access)
+
     def close(self) -> None:
-        super().close()
+        with self._lock.exclusive():
+            if self._db is not None:
+                self._db.close()
+                self._db = None
         if self._tmp:
             shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+def _nothing() -> None:
+    """What a secondary reads during a sync: nothing; views read after it, and only a catch-up changes it."""

@@ -10,7 +10,7 @@ rocksdict 0.3.29: a catch-up after the worker *closed* its database reads a mix 
 secondary replayed before stay in its memtable and hide the newer values the close flushed to a
 table file). So when the worker's write-ahead log files differ from the last read's (a close, a
 restart, a memtable flush), the secondary is opened afresh instead, and a read during which they
-changed is done again.
+changed is done again (:class:`publisher.follower.Follower`, shared with the store's follower).
 
 What one call reads (key layout of :mod:`streaming.worker`, :mod:`streaming.tables`, :mod:`streaming.examples`):
 
@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import struct
 import tempfile
@@ -50,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from publisher.follower import Follower
 from publisher.source import Changes
 from streaming.events import InvalidEvent, Item, Limits, decode
 from streaming.state import StateStore
@@ -66,7 +66,6 @@ _ROW_HEADER = struct.Struct("<qqf")
 # Catalogue records in the state were validated when they arrived; re-reading them must not apply wall-clock checks.
 _NO_LIMITS = Limits(max_bytes=1 << 30, max_future_ms=1 << 62)
 _LOG_SEQ = len(b"x:") + 16 + 1  # where "u:<id>" / "i:<id>" starts in a change-log key
-_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -135,30 +134,22 @@ class WorkerSource:
         # no version for an empty pull) starts after seq: an idle worker that keeps checkpointing does
         # not push the cursor out of the log.
         self._empty_through: tuple[str, int] | None = None
-        # The worker's write-ahead log files when the secondary last read a whole checkpoint; when they
-        # differ, catching up may read a mix (module docstring), so the secondary is opened afresh.
-        self._logs: tuple[str, ...] | None = None
+        # Catches up, or opens the secondary afresh when catching up may read a mix (module docstring).
+        self._follower = Follower(self.state_dir)
 
     # ------------------------------------------------------------------ ChangeSource
     def changes_since(self, cursor: str) -> Changes:
         """Users and items changed after ``cursor`` ("" = everything), as of the worker's newest checkpoint."""
         with self._lock:
-            for attempt in range(_ATTEMPTS):
-                logs = self._wal_files()
-                state = self._synced(reopen=attempt > 0 or logs != self._logs)
-                changes, empty_through = self._pull(state, cursor)
-                if self._wal_files() == logs:
-                    self._logs = logs
-                    if empty_through is not None:
-                        self._empty_through = (cursor, empty_through)
-                    return changes
-                logger.info(
-                    "the worker's write-ahead log changed during the read; reading again from a fresh secondary"
-                )
-            raise RuntimeError(
-                f"the worker's write-ahead log at {self.state_dir} changed during each of {_ATTEMPTS} reads; "
-                "expected it to hold still for one read"
+            self._check_exists()
+            changes, empty_through = self._follower.sync(
+                lambda: self._synced(reopen=False),
+                lambda: self._synced(reopen=True),
+                lambda: self._pull(self._state, cursor),
             )
+            if empty_through is not None:
+                self._empty_through = (cursor, empty_through)
+            return changes
 
     def _pull(self, state: StateStore, cursor: str) -> tuple[Changes, int | None]:
         """Every read of one call, from one caught-up state; and the checkpoint through which the change log
@@ -215,10 +206,6 @@ class WorkerSource:
     def _check_exists(self) -> None:
         if not (self.state_dir / "CURRENT").exists():
             raise FileNotFoundError(f"no worker state at {self.state_dir}: expected the worker's RocksDB directory")
-
-    def _wal_files(self) -> tuple[str, ...]:
-        self._check_exists()
-        return tuple(sorted(name for name in os.listdir(self.state_dir) if name.endswith(".log")))
 
     def _synced(self, reopen: bool) -> StateStore:
         """The secondary, caught up with the worker's newest whole checkpoint; opened afresh when ``reopen``."""
