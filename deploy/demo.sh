@@ -47,4 +47,6 @@ grep -E "published version" "$RUN/publisher.log" | tail -n 3 || tail -n 5 "$RUN/
 
 step "5/5 the KV store that serving reads"
 $PY -m publisher inspect --store "$RUN/kv"
+echo "(freshness_s is wall clock minus the published watermark: the synthetic events are dated January 2024;"
+echo " on a live stream it is the publish interval plus a checkpoint interval, i.e. seconds)"
 printf '\nDone. Artifacts: %s. The broker still runs on %s (make kafka-stop).\n' "$RUN" "$BOOT"
