@@ -12,7 +12,7 @@ import torch
 
 from streaming.events import Click
 from streaming.worker import Worker, WorkerSettings
-from tests.worker_fixtures import produce, register_model, split_world
+from tests.worker_fixtures import produce, register_model, split_world, wait_for
 from trainer.artifact import load_version, make_version, save_version
 from trainer.dataset import Dataset
 from trainer.features import FeatureEncoder
@@ -33,14 +33,6 @@ def promote_second_version(registry: Registry, events: list, cutoff_ms: int) -> 
     with registry.new_version("v2") as staging:
         save_version(staging, version)
     registry.promote("v2")
-
-
-def wait_for(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("when", ["live", "at_restart"])

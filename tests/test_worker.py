@@ -16,20 +16,10 @@ from streaming.settings import KafkaSettings
 from streaming.topics import ensure_topics
 from streaming.worker import Worker, WorkerSettings
 from tests.conftest import Broker, free_port
-from tests.worker_fixtures import produce, register_model, split_world
+from tests.worker_fixtures import produce, register_model, run_to_idle, split_world, wait_for
 from trainer.artifact import load_version
 
 pytestmark = pytest.mark.kafka
-
-
-def run_to_idle(worker: Worker, idle_s: float = 1.5, timeout_s: float = 120) -> None:
-    stop = threading.Event()
-    timer = threading.Timer(timeout_s, stop.set)  # a safety net: the test then fails on its assertions
-    timer.start()
-    try:
-        worker.run(stop, exit_when_idle_s=idle_s)
-    finally:
-        timer.cancel()
 
 
 @pytest.fixture(scope="module")
@@ -138,13 +128,13 @@ def test_worker_finishes_the_stream_across_a_broker_restart(tmp_path, world_spli
 
         clicks = [e for e in day_two if isinstance(e, Click)]
         first_half = sum(1 for e in day_two[:half] if isinstance(e, Click))
-        _wait(lambda: worker.builder.stats.clicks >= first_half // 2, 60, "the worker to make progress")
+        wait_for(lambda: worker.builder.stats.clicks >= first_half // 2, 60, "the worker to make progress")
         broker.stop()
         time.sleep(2)  # the worker polls a dead broker meanwhile
         assert thread.is_alive()
         broker.start()
         produce(kafka, day_two[half:])
-        _wait(lambda: worker.learner.examples == len(clicks), 120, "every click to be trained")
+        wait_for(lambda: worker.learner.examples == len(clicks), 120, "every click to be trained")
         stop.set()
         thread.join(timeout=60)
         assert not thread.is_alive()
@@ -152,14 +142,6 @@ def test_worker_finishes_the_stream_across_a_broker_restart(tmp_path, world_spli
         assert worker.builder.stats.impressions == sum(1 for e in day_two if isinstance(e, Impression))
     finally:
         broker.stop()
-
-
-def _wait(condition, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.1)
 
 
 def test_a_new_worker_starts_where_its_model_was_trained_up_to(kafka_settings, tmp_path, world_split):

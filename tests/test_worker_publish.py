@@ -36,7 +36,7 @@ from streaming.learner import IncrementalLearner
 from streaming.sources.synthetic import WorldConfig
 from streaming.state import StateStore
 from streaming.worker import Worker, WorkerSettings
-from tests.worker_fixtures import produce, register_model, split_world
+from tests.worker_fixtures import produce, register_model, run_to_idle, split_world
 from trainer.artifact import ModelVersion, load_version
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,16 +50,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[list, list, Path, M
     models = tmp_path_factory.mktemp("models")
     registry = register_model(models, day_one)
     return day_one, day_two, models, load_version(registry.path("v1"))
-
-
-def run_to_idle(worker: Worker, idle_s: float = 1.0, timeout_s: float = 60) -> None:
-    stop = threading.Event()
-    timer = threading.Timer(timeout_s, stop.set)  # a safety net: the test then fails on its assertions
-    timer.start()
-    try:
-        worker.run(stop, exit_when_idle_s=idle_s)
-    finally:
-        timer.cancel()
 
 
 def item_vectors(version: ModelVersion, ids: list[str], catalogue: dict, rows: np.ndarray) -> np.ndarray:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +14,7 @@ from streaming.producer import EventProducer
 from streaming.settings import KafkaSettings
 from streaming.sources.synthetic import SyntheticWorld, WorldConfig
 from streaming.state import StateStore
+from streaming.worker import Worker
 from trainer.artifact import make_version, save_version
 from trainer.dataset import Dataset
 from trainer.features import FeatureEncoder
@@ -58,3 +62,23 @@ def read_state(path: Path) -> dict[str, object]:
         return {"rows": rows, "counts": counts, "offsets": store.offsets(), "meta": store.meta()}
     finally:
         store.close()
+
+
+def run_to_idle(worker: Worker, idle_s: float = 1.5, timeout_s: float = 120) -> None:
+    """Run ``worker`` until it has applied everything in Kafka and stayed idle for ``idle_s``."""
+    stop = threading.Event()
+    timer = threading.Timer(timeout_s, stop.set)  # a safety net: the test then fails on its assertions
+    timer.start()
+    try:
+        worker.run(stop, exit_when_idle_s=idle_s)
+    finally:
+        timer.cancel()
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail with ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
