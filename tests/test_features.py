@@ -12,7 +12,6 @@ import torch
 from streaming.events import Click, Item, UserProfile
 from trainer.dataset import Dataset
 from trainer.features import (
-    ClickHistory,
     ContinuousFeature,
     DiscreteFeature,
     FeatureEncoder,
@@ -23,6 +22,7 @@ from trainer.features import (
     default_item_features,
     default_user_features,
 )
+from trainer.history import ClickHistory
 
 E = math.e
 

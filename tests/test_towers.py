@@ -12,13 +12,13 @@ from streaming.events import Click, Item, UserProfile
 from trainer.augment import ItemAugmenter, mask_features, mutual_information
 from trainer.dataset import Dataset
 from trainer.features import (
-    ClickHistory,
     DiscreteFeature,
     FeatureBatch,
     FeatureEncoder,
     IdFeature,
     MultiValuedFeature,
 )
+from trainer.history import ClickHistory
 from trainer.model import ModelConfig, TwoTowerModel
 from trainer.towers import Tower, masked_mean
 

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from streaming.sources.synthetic import DAY_MS, SyntheticWorld, WorldConfig
 from trainer.dataset import Dataset
-from trainer.features import ClickHistory, FeatureEncoder
+from trainer.features import FeatureEncoder
+from trainer.history import ClickHistory
 from trainer.metrics import ranking_metrics
 from trainer.model import ModelConfig, TwoTowerModel
 from trainer.peers import Popularity

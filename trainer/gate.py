@@ -29,7 +29,7 @@ import torch
 from trainer.artifact import ModelVersion
 from trainer.dataset import Dataset
 from trainer.evaluate import TemporalSplit, temporal_split
-from trainer.features import ClickHistory
+from trainer.history import ClickHistory
 from trainer.metrics import ranking_metrics
 
 __all__ = ["GateConfig", "GateDecision", "check_finite", "evaluate_version", "decide", "holdout_split"]

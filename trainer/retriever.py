@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from trainer.dataset import Dataset
-from trainer.features import ClickHistory, FeatureEncoder
+from trainer.features import FeatureEncoder
+from trainer.history import ClickHistory
 from trainer.model import ModelConfig, TwoTowerModel
 from trainer.train import TrainConfig, TrainStats, make_estimator, make_optimizer, train_epoch
 

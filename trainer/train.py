@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 
 from trainer.augment import ItemAugmenter
 from trainer.dataset import Dataset
-from trainer.features import ClickHistory, FeatureEncoder, IdFeature, ItemBatch, UserBatch
+from trainer.features import FeatureEncoder, IdFeature, ItemBatch, UserBatch
 from trainer.frequency import FrequencyEstimator
+from trainer.history import ClickHistory
 from trainer.losses import (
     contrastive_loss,
     listwise_loss,
