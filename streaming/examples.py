@@ -128,6 +128,13 @@ class ExampleBuilder:
         counts[item_id] = counts.get(item_id, 0) + 1
         self._state.put(prefix + item_id.encode(), _COUNT.pack(counts[item_id]))
 
+    def forget_users(self, user_ids: set[str]) -> None:
+        """Drop the last-N lists of users the learner no longer keeps (idle or evicted)."""
+        for user_id in user_ids:
+            if self.last_n.pop(user_id, None) is not None:
+                self._state.delete(b"n:" + user_id.encode())
+                self.changed_users.add(user_id)
+
     def expire(self) -> None:
         """Forget join and de-duplication entries older than the window (behind the watermark)."""
         cutoff = self.watermark_ms - self.settings.join_window_ms

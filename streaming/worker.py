@@ -371,6 +371,9 @@ class Worker:
         if self.learner.batches % self.settings.expire_every_batches == 0:
             self.learner.expire(self.builder.watermark_ms)
             self.builder.expire()
+        # Every batch, so that nothing forgotten is pending at a checkpoint (which may come at any moment).
+        self.builder.forget_users(self.learner.users.take_forgotten())
+        self.learner.items.take_forgotten()
 
     # ------------------------------------------------------------------ checkpoint
     def _offsets(self) -> dict[str, int]:

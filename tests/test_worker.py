@@ -103,6 +103,9 @@ def test_new_ids_get_rows_train_and_expire_within_the_bound(kafka_settings, tmp_
     assert "new-u299" in users and not np.allclose(users.row("new-u299"), default)
     # Users idle for more than 2 h of event time (every one but the last ~2 h) expired back to the default row.
     assert "new-u0" not in users and np.allclose(users.row("new-u0"), default)
+    # ... and what the worker kept about them went too: memory does not grow with ever-new users.
+    assert "new-u0" not in worker.builder.last_n and "new-u299" in worker.builder.last_n
+    assert len(worker.builder.last_n) <= max_rows + users.pending_ids
     live = [k for k in range(300) if f"new-u{k}" in users]
     assert live and min(live) >= 300 - 2 * 60 - 1
     # New items were admitted too (they are clicked again and again) and stay within the bound.
