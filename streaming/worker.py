@@ -175,6 +175,7 @@ class Worker:
         # The catalogue is global: every worker reads every partition of the items topic, outside the group.
         self._catalogue = KafkaConsumer(group_id=None, client_id="freshtower-worker-items", **common)
         self._dlq = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all", linger_ms=5, retries=10**9)
+        self._dead_letters: list = []  # send futures not yet confirmed; a checkpoint waits for them
         self._assigned_items = False
         self._update_gauges()
 
@@ -284,7 +285,9 @@ class Worker:
         else:
             return _Queued(record.offset, event.ts_ms, event)
         letter = DeadLetter(record.topic, record.partition, record.offset, record.key, record.value, reason)
-        self._dlq.send(self.kafka.topic(DEADLETTER), key=letter.key, value=letter.value, headers=letter.headers())
+        self._dead_letters.append(
+            self._dlq.send(self.kafka.topic(DEADLETTER), key=letter.key, value=letter.value, headers=letter.headers())
+        )
         self.metrics.dead_letters.labels(record.topic).inc()
         logger.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
         return _Queued(record.offset, -1, None)
@@ -384,7 +387,23 @@ class Worker:
         return offsets
 
     def checkpoint(self) -> None:
-        """Make state, offsets and the unfinished mini-batch durable in one atomic write."""
+        """Make state, offsets and the unfinished mini-batch durable in one atomic write.
+
+        Dead letters sent so far are confirmed first: the offsets written below move past their records,
+        so a dead letter Kafka has not acknowledged would be lost in a crash. While Kafka is away the
+        checkpoint is postponed; a dead letter Kafka refused for good raises (the records are read and
+        dead-lettered again after the restart)."""
+        if self._dead_letters:
+            try:
+                self._dlq.flush(timeout=5)
+            except KafkaError:
+                pass
+            if not all(f.is_done for f in self._dead_letters):
+                logger.warning("%d dead letters not acknowledged yet: checkpoint postponed", len(self._dead_letters))
+                return
+            for future in self._dead_letters:
+                future.get()  # raises the send error of a refused dead letter
+            self._dead_letters = []
         self._resolve_positions()
         self.learner.flush()
         self.checkpoints += 1

@@ -132,5 +132,5 @@ case "$cmd" in
   start) start ;;
   stop) stop ;;
   status) running ;;
-  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = "-h" ] || [ "$cmd" = "--help" ] || exit 2 ;;
+  *) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; [ "$cmd" = "-h" ] || [ "$cmd" = "--help" ] || exit 2 ;;
 esac
