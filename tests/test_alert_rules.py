@@ -78,7 +78,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     defined = set(re.findall(r"^\s*- alert: (\w+)$", rules, re.MULTILINE))
     quiet = set(re.findall(r"alertname: (\w+)\n\s*exp_alerts: \[\]", tests))
     firing = set(re.findall(r"alertname: (\w+)\n\s*exp_alerts:\n\s*- exp_labels:", tests))
-    assert len(defined) == 11, sorted(defined)
+    assert len(defined) == 10, sorted(defined)
     assert defined - quiet == set(), "alerts without a case where they stay quiet"
     assert defined - firing == set(), "alerts without a case where they fire"
     assert (quiet | firing) - defined == set(), "tests of alerts that do not exist"
@@ -89,7 +89,7 @@ def test_rules_and_config_agree_on_job_names() -> None:
     config = (PROMETHEUS_DIR / "prometheus.yml").read_text()
     jobs = set(re.findall(r"job_name: (\S+)", config))
     named = set(re.findall(r'job="([^"]+)"', rules))
-    assert named == {"freshtower-worker", "freshtower-publisher", "freshtower-serving"}
+    assert named == {"freshtower-worker", "freshtower-publisher"}
     assert named <= jobs, f"alerts.yml names jobs {sorted(named - jobs)} that prometheus.yml does not scrape"
     assert re.search(r"^rule_files:\n  - alerts.yml$", config, re.MULTILINE)
 
