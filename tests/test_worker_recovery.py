@@ -69,11 +69,12 @@ def test_sigkill_at_random_points_loses_nothing_and_applies_nothing_twice(kafka_
     for _ in range(5):
         port = free_port()
         process = subprocess.Popen(worker_command(kafka_settings, models, crashed, "crashed", port), env=env)
-        # Kill at a random moment once the worker is applying events (start-up time varies with machine load).
+        # Kill at a random point of the stream: once this run has applied a random number of events
+        # (measured by the worker itself, so machine speed and start-up time do not matter).
+        target = rng.randint(2_000, 12_000)
         deadline = time.monotonic() + 120
-        while events_applied(port) == 0 and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.3, 1.2))  # the whole stream takes the worker a few seconds
+        while events_applied(port) < target and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
         if process.poll() is not None:
             break  # it finished the stream before this kill
         process.send_signal(signal.SIGKILL)
