@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -28,6 +27,7 @@ from streaming.producer import EventProducer
 from streaming.settings import KafkaSettings
 from streaming.sources.synthetic import SyntheticWorld, WorldConfig
 from streaming.topics import EVENT_TOPICS, ensure_topics
+from tests.worker_fixtures import run_to_idle
 from trainer.full import EXIT_PROMOTED, FullSettings, load_day, run_full
 from trainer.model import ModelConfig
 from trainer.registry import Registry
@@ -65,16 +65,6 @@ def end_offsets(settings: KafkaSettings) -> dict[TopicPartition, int]:
         consumer.close()
 
 
-def run_sink(sink: ArchiveSink, idle_s: float = 1.5, timeout_s: float = 60) -> None:
-    stop = threading.Event()
-    timer = threading.Timer(timeout_s, stop.set)  # a safety net: the test then fails on its assertions
-    timer.start()
-    try:
-        sink.run(stop, exit_when_idle_s=idle_s)
-    finally:
-        timer.cancel()
-
-
 @pytest.fixture(scope="module")
 def archived(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory):
     """The world plus two malformed clicks produced, then archived by one sink run (flushes of 1,000 events)."""
@@ -90,7 +80,7 @@ def archived(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("archive")
     group = f"archive-{uuid.uuid4().hex[:8]}"
     sink = ArchiveSink(settings, root, group_id=group, flush_every_s=60.0, flush_every_events=1000)
-    run_sink(sink)
+    run_to_idle(sink)
     return settings, events, root, group, sink
 
 
@@ -136,7 +126,7 @@ def test_offsets_are_committed_and_a_restart_archives_nothing_twice(archived) ->
     assert committed == {tp: n for tp, n in ends.items() if n > 0}
     files = sorted(root.glob("date=*/*.parquet"))
     again = ArchiveSink(settings, root, group_id=group, flush_every_s=60.0, flush_every_events=1000)
-    run_sink(again, idle_s=1.0)
+    run_to_idle(again, idle_s=1.0)
     assert sorted(root.glob("date=*/*.parquet")) == files
     assert multiset(read_range(root, None, None)) == multiset(events)
 
@@ -200,12 +190,12 @@ def test_a_flush_cut_short_after_its_commit_point_is_completed_on_restart(kafka_
 
     monkeypatch.setattr(archive_sink, "publish", failing_publish)
     with pytest.raises(OSError, match="simulated I/O error"):
-        run_sink(ArchiveSink(kafka_settings, root, group_id=group, flush_every_events=1000))
+        run_to_idle(ArchiveSink(kafka_settings, root, group_id=group, flush_every_events=1000))
     monkeypatch.undo()
     before = sum(1 for _ in read_range(root, None, None))
     assert 0 < before < len(events)
 
-    run_sink(ArchiveSink(kafka_settings, root, group_id=group, flush_every_events=1000))
+    run_to_idle(ArchiveSink(kafka_settings, root, group_id=group, flush_every_events=1000))
     # The cut flush's remaining files were published from the staging area, once; the rest read again.
     assert multiset(read_range(root, None, None)) == multiset(events)
 

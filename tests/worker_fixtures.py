@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from streaming.archive_sink import ArchiveSink
 from streaming.events import Event
 from streaming.producer import EventProducer
 from streaming.settings import KafkaSettings
@@ -64,13 +65,13 @@ def read_state(path: Path) -> dict[str, object]:
         store.close()
 
 
-def run_to_idle(worker: Worker, idle_s: float = 1.5, timeout_s: float = 120) -> None:
-    """Run ``worker`` until it has applied everything in Kafka and stayed idle for ``idle_s``."""
+def run_to_idle(process: Worker | ArchiveSink, idle_s: float = 1.5, timeout_s: float = 120) -> None:
+    """Run a worker or an archive sink until it has taken everything in Kafka and stayed idle for ``idle_s``."""
     stop = threading.Event()
     timer = threading.Timer(timeout_s, stop.set)  # a safety net: the test then fails on its assertions
     timer.start()
     try:
-        worker.run(stop, exit_when_idle_s=idle_s)
+        process.run(stop, exit_when_idle_s=idle_s)
     finally:
         timer.cancel()
 
