@@ -13,6 +13,7 @@ same estimator the nightly job uses.
 from __future__ import annotations
 
 import logging
+import math
 import struct
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ _BUCKET = struct.Struct("<qd")  # last_step, mean_gap
 class LearnerSettings:
     batch_size: int = 256
     logq: bool = True
+    logq_weight: float = 1.0
     frequency_buckets: int = 1 << 16
     frequency_hashes: int = 2
     frequency_alpha: float = 0.01
@@ -47,6 +49,8 @@ class LearnerSettings:
     def __post_init__(self) -> None:
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 for in-batch negatives, got {self.batch_size}")
+        if not (math.isfinite(self.logq_weight) and self.logq_weight >= 0):
+            raise ValueError(f"logq_weight must be a finite number >= 0, got {self.logq_weight}")
 
 
 class IncrementalLearner:
@@ -114,7 +118,8 @@ class IncrementalLearner:
         if self.settings.logq:
             # As in the nightly job (trainer/train.py): log of the expected copies of j in a batch,
             # P(j appears) times the copies seen here, subtracted from every column (Yi et al. 2019).
-            log_q = torch.from_numpy(self.frequency.log_q(item_ids) + np.log(copies[item_keys]))
+            log_q = self.settings.logq_weight * (self.frequency.log_q(item_ids) + np.log(copies[item_keys]))
+            log_q = torch.from_numpy(log_q)
         loss = listwise_loss(
             a, b, temperature=self.temperature, pos_log_q=log_q, pos_ids=torch.from_numpy(item_keys.astype(np.int64))
         ).mean()

@@ -25,8 +25,10 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
@@ -68,6 +70,7 @@ class WorkerSettings:
     max_rows: int = 1_000_000
     lr: float = 0.05
     logq: bool = True
+    logq_weight: float | None = None
     checkpoint_interval_s: float = 2.0
     expire_every_batches: int = 50
     max_buffered_events: int = 100_000
@@ -90,9 +93,14 @@ class WorkerSettings:
         digest = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]
         return f"{socket.gethostname()}-{digest}"
 
-    def learner(self) -> LearnerSettings:
+    def learner(self, train: Mapping[str, Any] | None = None) -> LearnerSettings:
+        """The learner's settings; the logQ strength is ``logq_weight`` when set, else the one the model version was
+        trained with (its manifest's ``config.train``), so the online updates pursue the nightly objective."""
         table = TableSettings(min_count=self.min_count, idle_ms=self.idle_ms, max_rows=self.max_rows, lr=self.lr)
-        return LearnerSettings(batch_size=self.batch_size, logq=self.logq, user_table=table, item_table=table)
+        weight = self.logq_weight if self.logq_weight is not None else float((train or {}).get("logq_weight", 1.0))
+        return LearnerSettings(
+            batch_size=self.batch_size, logq=self.logq, logq_weight=weight, user_table=table, item_table=table
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +141,9 @@ class Worker:
         if self.model_version != version.version_id:
             # The state was trained against another version (this one was promoted while the worker was down).
             self._reset_tables(version)
-        self.learner = IncrementalLearner(version.model, version.encoder, self.builder, settings.learner(), self.state)
+        self.learner = IncrementalLearner(
+            version.model, version.encoder, self.builder, settings.learner(version.train_config), self.state
+        )
         self._start_ms = version.data_cutoff_ms + 1 if settings.start_at_cutoff else None
         self.pending: list[Example] = [
             Example(**{**e, "history": tuple(e["history"])}) for e in meta.get("pending", [])
@@ -447,7 +457,7 @@ class Worker:
         self.checkpoint()
         self._reset_tables(version)
         self.learner = IncrementalLearner(
-            version.model, version.encoder, self.builder, self.settings.learner(), self.state
+            version.model, version.encoder, self.builder, self.settings.learner(version.train_config), self.state
         )
         self._resolve_positions()
         for tp in list(self._queues):

@@ -149,6 +149,21 @@ def test_unknown_model_is_rejected_with_the_choices() -> None:
         build_models(EvalConfig(models=("als", "bpr")))
 
 
+def test_the_prior_row_and_the_logq_ablations_are_built_as_asked() -> None:
+    plain = build_models(EvalConfig(models=("two_tower", "als")))
+    assert list(plain) == ["two_tower", "als"]
+    factories = build_models(EvalConfig(models=("two_tower", "als"), serving_prior=2.0, prior_half_life_days=7.0))
+    assert list(factories) == ["two_tower", "two_tower+prior", "als"]
+    model = factories["two_tower+prior"]()
+    assert (model.name, model.serving_prior, model.prior_half_life_days) == ("two_tower+prior", 2.0, 7.0)
+    assert factories["two_tower"]().serving_prior == 0.0
+    ablations = build_models(EvalConfig(models=("two_tower",), ablations=True))
+    half = ablations["two_tower[logq=0.5]"]()
+    assert (half.train_config.logq, half.train_config.logq_weight) == (True, 0.5)
+    seed004 = ablations["two_tower[logq=off,serving_prior]"]()
+    assert (seed004.train_config.logq, seed004.serving_prior) == (False, 1.0)
+
+
 @pytest.mark.slow
 def test_eval_command_end_to_end(tmp_path: Path) -> None:
     paths = {"json": tmp_path / "m.json", "markdown": tmp_path / "m.md", "plot": tmp_path / "m.png"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from streaming.events import Click
@@ -164,3 +165,21 @@ def test_als_is_deterministic_for_a_seed() -> None:
 def test_als_rejects_unknown_weighting() -> None:
     with pytest.raises(ValueError, match="bm25' or 'confidence"):
         ALS(weighting="tfidf")  # type: ignore[arg-type]
+
+
+def test_als_serving_prior_is_the_smoothed_click_share() -> None:
+    # SMALL's counts a 5, b 4, c 3, d 1 (13 clicks, 4 items): add-one shares (6, 5, 4, 2) / 17.
+    model = ALS(factors=2, iterations=2, serving_prior=1.0)
+    model.fit(clicks(SMALL))
+    assert model.item_log_prior() == pytest.approx(np.log(np.array([6, 5, 4, 2]) / 17))
+    # Recency-weighted, half-life 1 day: a clicked 2 days and 1 day before the last click, d at it.
+    model = ALS(factors=2, iterations=2, serving_prior=1.0, prior_half_life_days=1.0)
+    model.fit(clicks([("u1", "a"), ("u2", "a"), ("u1", "d")], [0, DAY_MS, 2 * DAY_MS]))
+    # a = 0.25 + 0.5 = 0.75, d = 1; total 1.75 + 2 items.
+    assert model.item_log_prior() == pytest.approx(np.log(np.array([1.75, 2.0]) / 3.75))
+    # A prior far larger than any factor score ranks a user's unclicked items by popularity.
+    strong = ALS(factors=2, iterations=2, serving_prior=1e3)
+    strong.fit(clicks(SMALL))
+    assert strong.recommend(["u6"], 2, 0) == [["a", "c"]]
+    with pytest.raises(ValueError, match="serving_prior"):
+        ALS(serving_prior=-1.0)

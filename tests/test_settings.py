@@ -64,3 +64,21 @@ def test_unknown_names_are_refused(tmp_path):
         load_settings(Example, section="example", config=config, environ={})
     with pytest.raises(SettingsError, match="unknown setting 'speed'"):
         load_settings(Example, section="example", environ={}, overrides={"speed": 1})
+
+
+def test_the_worker_follows_the_logq_weight_its_model_was_trained_with():
+    from streaming.learner import LearnerSettings
+    from streaming.worker import WorkerSettings
+
+    trained = {"logq": True, "logq_weight": 0.5}
+    # Unset: the online learner pursues the objective of the nightly model it updates.
+    assert WorkerSettings().learner(trained).logq_weight == 0.5
+    # A version whose manifest has no training settings (or none for the weight): the full correction.
+    assert WorkerSettings().learner(None).logq_weight == 1.0
+    assert WorkerSettings().learner({"logq": True}).logq_weight == 1.0
+    # Set explicitly, the worker's own value wins.
+    assert WorkerSettings(logq_weight=0.25).learner(trained).logq_weight == 0.25
+    loaded = load_settings(WorkerSettings, section="worker", environ={"FRESHTOWER_LOGQ_WEIGHT": "0.75"})
+    assert loaded.learner(trained).logq_weight == 0.75
+    with pytest.raises(ValueError, match="logq_weight"):
+        LearnerSettings(logq_weight=-1.0)

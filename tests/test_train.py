@@ -105,6 +105,34 @@ def test_logq_changes_the_training_loss_and_approaches_the_full_softmax() -> Non
     assert catalogue_loss(models[True], encoder, ds) < catalogue_loss(models[False], encoder, ds) - 0.3
 
 
+def test_logq_weight_scales_the_correction() -> None:
+    ds = dataset()
+    encoder = FeatureEncoder.fit(ds, last_n=MODEL.last_n)
+    config = dataclasses.replace(TRAIN, easy_negatives=16)  # the sampled negatives' correction is scaled too
+    states, first = {}, {}
+    for name, changes in {
+        "off": {"logq": False},
+        "zero": {"logq_weight": 0.0},
+        "half": {"logq_weight": 0.5},
+        "full": {},
+        "one": {"logq_weight": 1.0},
+    }.items():
+        model = TwoTowerModel(encoder, MODEL)
+        first[name] = train_epoch(model, encoder, ds, dataclasses.replace(config, **changes), progress=False).first_loss
+        states[name] = model.state_dict()
+
+    def same(a: str, b: str) -> bool:
+        return all(torch.equal(states[a][k], states[b][k]) for k in states[a])
+
+    # beta = 0 subtracts 0 * log q: bit for bit the uncorrected run; beta = 1 is the default.
+    assert same("zero", "off") and same("one", "full")
+    assert not same("half", "off") and not same("half", "full")
+    # -beta * log q_j lifts rare columns most; the log-sum-exp over a row follows the lifted rare columns, while
+    # the positive, drawn in proportion to clicks like every column, is lifted only as much as an average column.
+    # So the first batches' loss grows with beta (measured: 4.90, 5.60, 6.99 nats for beta = 0, 0.5, 1).
+    assert first["off"] < first["half"] < first["full"]
+
+
 def test_hot_item_down_sampling_drops_positives() -> None:
     ds = dataset()
     encoder = FeatureEncoder.fit(ds, last_n=MODEL.last_n)
@@ -155,6 +183,10 @@ def test_config_is_validated() -> None:
         TrainConfig(objective="softmax")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="hard_fraction"):
         TrainConfig(hard_fraction=1.5)
+    with pytest.raises(ValueError, match="logq_weight"):
+        TrainConfig(logq_weight=-0.5)
+    with pytest.raises(ValueError, match="serving_prior"):
+        TwoTowerRetriever(MODEL, TRAIN, serving_prior=float("nan"))
 
 
 def test_retriever_excludes_training_clicks_and_items_created_later() -> None:
@@ -193,3 +225,46 @@ def test_retriever_beats_popularity_on_a_synthetic_world() -> None:
         model.fit(train)
         scores[name] = ranking_metrics(model.recommend(users, 50, cut), [relevant[u] for u in users], (50,), (20,))
     assert scores["two_tower"]["recall@50"] > 1.2 * scores["popularity"]["recall@50"], scores
+
+
+def test_a_strong_serving_prior_ranks_by_training_clicks() -> None:
+    # Seed 004's alternative to logQ: score = cos / tau + gamma * log p_j. With gamma = 1000 the prior term
+    # (log-count gaps of at least log(2/1) * 1000 * tau = 35 cosine units between items of different counts)
+    # dwarfs any cosine difference (at most 2), so the list is the user's unclicked items by training clicks.
+    ds = dataset()
+    cut = WORLD.start_ms + DAY_MS
+    train = ds.between(None, cut)
+    plain = TwoTowerRetriever(MODEL, TRAIN, epochs=1)
+    plain.fit(train)
+    prior = TwoTowerRetriever(MODEL, TRAIN, epochs=1, serving_prior=1000.0)
+    prior.fit(train)
+    clicked_items, n = np.unique(train.clicks.item, return_counts=True)
+    count = dict(zip(clicked_items.tolist(), n.tolist(), strict=True))
+    users = sorted(set(train.clicks.user.tolist()))[:10]
+    k = 20
+    for user, recs, base in zip(users, prior.recommend(users, k, cut), plain.recommend(users, k, cut), strict=True):
+        seen = set(train.clicks.item[train.clicks.user == user].tolist())
+        candidates = sorted(
+            (count.get(i, 0) for i, it in train.items.items() if it.created_ms < cut and i not in seen), reverse=True
+        )
+        assert [count.get(i, 0) for i in recs] == candidates[:k]
+        assert recs != base  # the plain model ranks by cosine alone
+
+
+def test_the_serving_prior_is_the_smoothed_click_share_optionally_recency_weighted() -> None:
+    from streaming.events import Click, Item, UserProfile
+
+    day = DAY_MS
+    events = [Item(i, "c", ("t",), {}, 0, 0) for i in ("a", "b", "c")]
+    events += [UserProfile(u, ts_ms=0) for u in ("u1", "u2")]
+    events += [Click("u1", "a", "r1", 0), Click("u2", "a", "r2", day), Click("u1", "b", "r3", day)]
+    train = Dataset.from_events(events)
+    model = TwoTowerRetriever(MODEL, TRAIN, epochs=1, serving_prior=1.0)
+    model.fit(train)
+    # Catalogue order a, b, c. Counts at day 2: a 2, b 1, c 0; add-one over 3 items: (3, 2, 1) / 6.
+    np.testing.assert_allclose(np.exp(model.item_log_prior(2 * day)), [3 / 6, 2 / 6, 1 / 6])
+    # Only clicks before the request count: at day 1 just a's first click: (2, 1, 1) / 4.
+    np.testing.assert_allclose(np.exp(model.item_log_prior(day)), [2 / 4, 1 / 4, 1 / 4])
+    # Half-life 1 day at day 2: a = 2**-2 + 2**-1 = 0.75, b = 0.5, c = 0; total 1.25 + 3 = 4.25.
+    model.prior_half_life_days = 1.0
+    np.testing.assert_allclose(np.exp(model.item_log_prior(2 * day)), [1.75 / 4.25, 1.5 / 4.25, 1 / 4.25])

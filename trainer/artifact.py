@@ -9,10 +9,19 @@ A version is a directory::
     item_ids.json      the item id of every row of the item vectors / index
     item_vectors.npy   float32 [n_items, dim] unit item vectors (plain .npy, no pickle)
     items.faiss        faiss IndexFlatIP over the same vectors; faiss ids are row numbers
+    optimizer.pt       optional: the optimizer's per-parameter state (Adam: step, exp_avg, exp_avg_sq) keyed by
+                       parameter NAME, plain tensors
+    frequency.npz      optional: the logQ frequency estimator's arrays and step (:class:`FrequencyEstimator`)
 
-Nothing here is ever unpickled into code: weights load with ``torch.load(..., weights_only=True)``, arrays with
-``allow_pickle=False``, the rest is JSON. The manifest is the root of trust: a file whose size or sha256
-differs from it (truncated, replaced, bit-flipped) raises :class:`ArtifactError` before it is parsed.
+The two optional files are the :class:`~trainer.warm_state.TrainingState` the next nightly run warm-starts from besides the
+weights (DESIGN.md "Updating the model": the full update starts from yesterday's parameters; Yi et al. 2019:
+``p_j`` follows the stream, so an estimate restarted every night is wrong for the first batches). Versions
+saved without them still load; serving never reads them (:func:`load_training_state` does).
+
+Nothing here is ever unpickled into code: weights and optimizer state load with
+``torch.load(..., weights_only=True)``, arrays with ``allow_pickle=False``, the rest is JSON. The manifest is
+the root of trust: every file it lists is checked, and a file whose size or sha256 differs from it (truncated,
+replaced, bit-flipped) raises :class:`ArtifactError` before it is parsed.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import os
 import pickle
 import secrets
 import time
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,11 +45,13 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+from torch import Tensor
 
 from streaming.events import Item
 from trainer.features import FeatureEncoder
 from trainer.model import ModelConfig, TwoTowerModel
 from trainer.train import TrainConfig
+from trainer.warm_state import TrainingState
 
 __all__ = [
     "ArtifactError",
@@ -47,6 +59,7 @@ __all__ = [
     "ModelVersion",
     "build_index",
     "compute_item_vectors",
+    "load_training_state",
     "load_version",
     "make_version",
     "new_version_id",
@@ -64,7 +77,9 @@ ENCODER = "encoder.json"
 ITEM_IDS = "item_ids.json"
 ITEM_VECTORS = "item_vectors.npy"
 INDEX = "items.faiss"
-_FILES = (WEIGHTS, ENCODER, ITEM_IDS, ITEM_VECTORS, INDEX)
+OPTIMIZER = "optimizer.pt"
+FREQUENCY = "frequency.npz"
+_FILES = (WEIGHTS, ENCODER, ITEM_IDS, ITEM_VECTORS, INDEX)  # required; OPTIMIZER and FREQUENCY are optional
 _CHUNK = 1 << 20
 
 
@@ -103,6 +118,11 @@ class ModelVersion:
     @property
     def model_config(self) -> ModelConfig:
         return ModelConfig.from_dict(self.manifest["config"]["model"])
+
+    @property
+    def train_config(self) -> dict[str, Any] | None:
+        """The training settings the version was made with, as written (None for a version built elsewhere)."""
+        return self.manifest["config"].get("train")
 
     def search(self, user_vectors: np.ndarray, k: int) -> tuple[np.ndarray, list[list[str]]]:
         """Top ``k`` items by inner product for user_vectors ``[B, dim]``: scores ``[B, k']`` and item ids."""
@@ -204,10 +224,17 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def save_version(directory: str | Path, version: ModelVersion, *, metrics: Mapping[str, Any] | None = None) -> Path:
+def save_version(
+    directory: str | Path,
+    version: ModelVersion,
+    *,
+    metrics: Mapping[str, Any] | None = None,
+    training_state: TrainingState | None = None,
+) -> Path:
     """Write ``version`` into the empty ``directory`` (a registry staging dir); returns the manifest path.
 
     ``metrics`` are merged into the manifest's metrics (e.g. the gate's verdict, known only after evaluation).
+    ``training_state``: the optimizer and frequency state to carry into the next warm start (each optional).
     The manifest is written last, so a directory with a manifest has all its files.
     """
     directory = Path(directory)
@@ -218,10 +245,22 @@ def save_version(directory: str | Path, version: ModelVersion, *, metrics: Mappi
     (directory / ITEM_IDS).write_text(json.dumps(version.item_ids, ensure_ascii=False), encoding="utf-8")
     np.save(directory / ITEM_VECTORS, np.ascontiguousarray(version.item_vectors, dtype=np.float32), allow_pickle=False)
     faiss.write_index(version.index, str(directory / INDEX))
+    names = list(_FILES)
+    if training_state is not None and training_state.optimizer is not None:
+        optimizer = {
+            name: {key: value.detach().cpu().contiguous() for key, value in state.items()}
+            for name, state in training_state.optimizer.items()
+        }
+        torch.save({"kind": training_state.optimizer_kind, "params": optimizer}, directory / OPTIMIZER)
+        names.append(OPTIMIZER)
+    if training_state is not None and training_state.frequency is not None:
+        # Compressed: most buckets of a large table are untouched zeros on small days.
+        np.savez_compressed(directory / FREQUENCY, **{k: np.asarray(v) for k, v in training_state.frequency.items()})
+        names.append(FREQUENCY)
     manifest = dict(version.manifest)
     manifest["metrics"] = {**manifest.get("metrics", {}), **dict(metrics or {})}
     manifest["files"] = {
-        name: {"sha256": _sha256(directory / name), "bytes": (directory / name).stat().st_size} for name in _FILES
+        name: {"sha256": _sha256(directory / name), "bytes": (directory / name).stat().st_size} for name in names
     }
     tmp = directory / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(_json_safe(manifest), indent=1, allow_nan=False), encoding="utf-8")
@@ -256,15 +295,18 @@ def verify_files(path: str | Path, manifest: Mapping[str, Any]) -> None:
     if missing:
         raise ArtifactError(f"{path}: manifest lists no entry for {missing}")
     for name, meta in files.items():
-        file = path / name
-        if not file.is_file():
-            raise ArtifactError(f"{file}: missing; the manifest lists it with {meta['bytes']} bytes")
-        size = file.stat().st_size
-        if size != meta["bytes"]:
-            raise ArtifactError(f"{file}: {size} bytes, manifest says {meta['bytes']} (truncated or replaced)")
-        digest = _sha256(file)
-        if digest != meta["sha256"]:
-            raise ArtifactError(f"{file}: sha256 {digest[:16]}..., manifest says {meta['sha256'][:16]}... (tampered)")
+        _verify_file(path / name, meta)
+
+
+def _verify_file(file: Path, meta: Mapping[str, Any]) -> None:
+    if not file.is_file():
+        raise ArtifactError(f"{file}: missing; the manifest lists it with {meta['bytes']} bytes")
+    size = file.stat().st_size
+    if size != meta["bytes"]:
+        raise ArtifactError(f"{file}: {size} bytes, manifest says {meta['bytes']} (truncated or replaced)")
+    digest = _sha256(file)
+    if digest != meta["sha256"]:
+        raise ArtifactError(f"{file}: sha256 {digest[:16]}..., manifest says {meta['sha256'][:16]}... (tampered)")
 
 
 def load_version(path: str | Path) -> ModelVersion:
@@ -292,3 +334,34 @@ def load_version(path: str | Path) -> ModelVersion:
     if index.ntotal != len(item_ids) or index.d != dim:
         raise ArtifactError(f"{path}: index holds {index.ntotal} x {index.d}, expected {len(item_ids)} x {dim}")
     return ModelVersion(manifest, model, encoder, item_ids, vectors, index, path)
+
+
+def load_training_state(path: str | Path) -> TrainingState:
+    """The optimizer and frequency state saved with the version at ``path``, each None when it has none (a
+    version saved before they were kept). Checked against the manifest like every other file."""
+    path = Path(path)
+    files = read_manifest(path)["files"]
+    kind = optimizer = frequency = None
+    if OPTIMIZER in files:
+        file = path / OPTIMIZER
+        _verify_file(file, files[OPTIMIZER])
+        try:
+            raw = torch.load(file, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            raise ArtifactError(f"{file}: not a plain dict of tensors: {exc}") from None
+        params = raw.get("params") if isinstance(raw, dict) else None
+        well_formed = isinstance(params, dict) and all(
+            isinstance(state, dict) and all(isinstance(v, Tensor) for v in state.values()) for state in params.values()
+        )
+        if not well_formed or not isinstance(raw.get("kind"), str):
+            raise ArtifactError(f"{file}: expected {{'kind': str, 'params': {{name: {{key: tensor}}}}}}")
+        kind, optimizer = raw["kind"], params
+    if FREQUENCY in files:
+        file = path / FREQUENCY
+        _verify_file(file, files[FREQUENCY])
+        try:
+            with np.load(file, allow_pickle=False) as arrays:
+                frequency = {name: arrays[name] for name in arrays.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise ArtifactError(f"{file}: not a plain .npz of arrays: {exc}") from None
+    return TrainingState(kind, optimizer, frequency)

@@ -20,6 +20,16 @@ switch to sparse gradients and exchange only the touched rows (all-gather of ind
 Each rank uses ``batch_size // N`` examples per step, so the global batch, the number of optimizer steps
 per epoch and the learning-rate schedule match a single process; the in-batch negatives of the listwise
 loss come from the rank's own (smaller) batch.
+
+Warm state: the caller's optimizer state and frequency estimate (the nightly warm start) are copied to
+every rank. The replicas apply the same averaged steps to the same starting moments, so every rank ends
+with the same optimizer state; rank 0's is written back into the caller's optimizer. Each rank's frequency
+estimator follows its own batches (that is what its in-batch logQ needs): rank 0's comes back. A rank's
+batch is ``1 / N`` of the global batch, so its ``p_j`` is roughly ``N`` times smaller than one process's for
+all but the hottest items. When ``N`` changes between nights the carried estimate starts off by that factor
+(the in-batch columns' ``log q_j`` shift by about ``log N`` against the sampled negatives', whose ``q`` does
+not depend on the batch) and the moving average forgets it at rate ``alpha`` per sighting; set
+``carry_frequency = false`` for the first night after changing ``--nproc`` to restart it instead.
 """
 
 from __future__ import annotations
@@ -41,8 +51,10 @@ import torch.multiprocessing as mp
 
 from trainer.dataset import Dataset
 from trainer.features import FeatureEncoder
+from trainer.frequency import FrequencyEstimator
 from trainer.model import ModelConfig, TwoTowerModel
-from trainer.train import TrainConfig, TrainStats, make_optimizer, train_epoch
+from trainer.train import TrainConfig, TrainStats, make_estimator, make_optimizer, train_epoch
+from trainer.warm_state import TrainingState
 
 __all__ = ["GradientAverager", "shard_by_user", "train_distributed"]
 
@@ -144,9 +156,10 @@ class _Job:
     threads: int
     progress: bool
     timeout_s: float
+    estimator: tuple[int, int, float, int, float]  # num_buckets, num_hashes, alpha, seed, min_probability
 
 
-def _worker(rank: int, job: _Job, state: dict[str, torch.Tensor], shards: list[Dataset]) -> None:
+def _worker(rank: int, job: _Job, state: dict[str, torch.Tensor], shards: list[Dataset], warm: TrainingState) -> None:
     torch.set_num_threads(job.threads)
     dist.init_process_group(
         "gloo",
@@ -168,16 +181,31 @@ def _worker(rank: int, job: _Job, state: dict[str, torch.Tensor], shards: list[D
             seed=job.train_config.seed * 1009 + rank,
         )
         params = list(model.parameters())
-        optimizer = GradientAverager(make_optimizer(model, config), params)
+        adam = make_optimizer(model, config)
+        warm.restore_optimizer(model, adam)
+        # The caller's hash settings, not the rank's seed: the state then fits and goes back to the caller.
+        buckets, hashes, alpha, seed, floor = job.estimator
+        estimator = FrequencyEstimator(buckets, hashes, alpha, seed, min_probability=floor)
+        warm.restore_estimator(estimator)
+        optimizer = GradientAverager(adam, params)
         stats = train_epoch(
-            model, encoder, shards[rank], config, progress=job.progress and rank == 0, optimizer=optimizer
-        )  # type: ignore[arg-type]
+            model,
+            encoder,
+            shards[rank],
+            config,
+            progress=job.progress and rank == 0,
+            optimizer=optimizer,  # type: ignore[arg-type]
+            estimator=estimator,
+        )
         optimizer.finish()
         out = Path(job.out_dir)
         (out / f"stats-{rank}.json").write_text(json.dumps(dataclasses.asdict(stats)))
         if rank == 0:
             torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, out / "state.pt")
             (out / "steps.json").write_text(json.dumps({"optimizer_steps": optimizer.steps}))
+            trained = TrainingState.capture(model, adam, estimator)
+            torch.save({"kind": trained.optimizer_kind, "params": trained.optimizer}, out / "optimizer.pt")
+            np.savez(out / "frequency.npz", **trained.frequency)  # type: ignore[arg-type]
     finally:
         dist.destroy_process_group()
 
@@ -191,11 +219,15 @@ def train_distributed(
     nproc: int,
     progress: bool = True,
     timeout_s: float = 1800.0,
+    optimizer: torch.optim.Optimizer | None = None,
+    estimator: FrequencyEstimator | None = None,
 ) -> TrainStats:
     """One epoch over ``dataset`` on ``nproc`` CPU processes; ``model`` is updated in place with rank 0's weights.
 
-    Returns the epoch's statistics summed (steps, examples, skipped) or averaged (losses) over the ranks;
-    ``steps`` counts the optimizer steps every replica applied.
+    ``optimizer`` (over ``model``'s parameters, of the kind :func:`make_optimizer` builds) and ``estimator``,
+    as in :func:`train_epoch`, carry state in and out: every rank starts from theirs, and they end holding
+    rank 0's. Returns the epoch's statistics summed (steps, examples, skipped) or averaged (losses) over the
+    ranks; ``steps`` counts the optimizer steps every replica applied.
     """
     if nproc < 2:
         raise ValueError(f"train_distributed needs nproc >= 2, got {nproc}; call train_epoch for one process")
@@ -204,15 +236,31 @@ def train_distributed(
         logger.warning("only %d users with clicks: training on %d processes instead of %d", n_users, n_users, nproc)
         nproc = n_users
         if nproc < 2:
-            return train_epoch(model, encoder, dataset, config, progress=progress)
+            return train_epoch(
+                model, encoder, dataset, config, progress=progress, optimizer=optimizer, estimator=estimator
+            )
     shards = shard_by_user(dataset, nproc)
     logger.info("training on %d processes; clicks per rank %s", nproc, [len(s.clicks) for s in shards])
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    warm = TrainingState.capture(model, optimizer, estimator)
+    est = estimator if estimator is not None else make_estimator(config)
+    est_args = (est.num_buckets, est.num_hashes, est.alpha, est.seed, est.min_probability)
     threads = max(1, (os.cpu_count() or 1) // nproc)
     with tempfile.TemporaryDirectory(prefix="freshtower-ddp-") as out_dir:
-        job = _Job(encoder.to_json(), model.config, config, nproc, _free_port(), out_dir, threads, progress, timeout_s)
+        job = _Job(
+            encoder.to_json(),
+            model.config,
+            config,
+            nproc,
+            _free_port(),
+            out_dir,
+            threads,
+            progress,
+            timeout_s,
+            est_args,
+        )
         try:
-            mp.spawn(_worker, args=(job, state, shards), nprocs=nproc, join=True)
+            mp.spawn(_worker, args=(job, state, shards, warm), nprocs=nproc, join=True)
         except mp.ProcessRaisedException as exc:
             # Keep the single-process contract: a NaN loss on any rank is a FloatingPointError here too.
             if "FloatingPointError" in str(exc):
@@ -221,8 +269,17 @@ def train_distributed(
         trained = torch.load(Path(out_dir) / "state.pt", map_location="cpu", weights_only=True)
         per_rank = [json.loads((Path(out_dir) / f"stats-{r}.json").read_text()) for r in range(nproc)]
         steps = json.loads((Path(out_dir) / "steps.json").read_text())["optimizer_steps"]
+        raw = torch.load(Path(out_dir) / "optimizer.pt", map_location="cpu", weights_only=True)
+        with np.load(Path(out_dir) / "frequency.npz", allow_pickle=False) as arrays:
+            frequency = {name: arrays[name] for name in arrays.files}
+    # In place: the parameters stay the same objects, so ``optimizer`` still holds them.
     model.load_state_dict(trained)
     model.eval()
+    back = TrainingState(raw["kind"], raw["params"], frequency)
+    if optimizer is not None:
+        back.restore_optimizer(model, optimizer)
+    if estimator is not None:
+        back.restore_estimator(estimator)
 
     def mean(key: str) -> float:
         return float(np.mean([s[key] for s in per_rank]))

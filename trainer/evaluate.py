@@ -91,6 +91,8 @@ class EvalConfig:
     ml100k_test_fraction: float = 0.1
     min_rating: float = 0.0
     epochs: int | None = None  # two-tower epochs; None: 2 with quick, else the retriever's default
+    serving_prior: float = 0.0  # > 0: also a "two_tower+prior" row ranked by cos / tau + gamma * log p_j
+    prior_half_life_days: float | None = None
 
 
 @dataclass(frozen=True)
@@ -230,24 +232,38 @@ def _two_tower_factories(config: EvalConfig) -> dict[str, Callable[[], Recommend
     model_config = ModelConfig(seed=config.seed)
     base = TrainConfig(seed=config.seed)
 
-    def make(name: str, train_config: TrainConfig) -> Callable[[], Recommender]:
-        return lambda: TwoTowerRetriever(model_config, train_config, epochs=epochs, name=name)
+    def make(
+        name: str, train_config: TrainConfig, serving_prior: float = 0.0, half_life: float | None = None
+    ) -> Callable[[], Recommender]:
+        return lambda: TwoTowerRetriever(
+            model_config,
+            train_config,
+            epochs=epochs,
+            name=name,
+            serving_prior=serving_prior,
+            prior_half_life_days=half_life,
+        )
 
     out = {"two_tower": make("two_tower", base)}
+    if config.serving_prior > 0:
+        out["two_tower+prior"] = make("two_tower+prior", base, config.serving_prior, config.prior_half_life_days)
     if config.ablations:
         # The default is listwise, logQ on, SSL on, in-batch negatives only; each variant changes one thing.
         easy = max(base.easy_negatives, base.batch_size)
-        variants = {
-            "two_tower[logq=off]": {"logq": False},
-            "two_tower[ssl=off]": {"ssl_weight": 0.0},
-            "two_tower[negatives=in_batch+easy]": {"easy_negatives": easy, "hard_fraction": 0.0},
-            "two_tower[negatives=in_batch+easy+hard]": {"easy_negatives": easy, "hard_fraction": 0.5},
-            "two_tower[objective=pointwise]": {"objective": "pointwise"},
-            "two_tower[objective=pairwise_hinge]": {"objective": "pairwise_hinge"},
-            "two_tower[objective=pairwise_logistic]": {"objective": "pairwise_logistic"},
+        # Seed 004's alternative to logQ: no correction in training, the item prior multiplied in at serving.
+        variants: dict[str, tuple[dict[str, Any], float]] = {
+            "two_tower[logq=off]": ({"logq": False}, 0.0),
+            "two_tower[logq=0.5]": ({"logq_weight": 0.5}, 0.0),
+            "two_tower[logq=off,serving_prior]": ({"logq": False}, 1.0),
+            "two_tower[ssl=off]": ({"ssl_weight": 0.0}, 0.0),
+            "two_tower[negatives=in_batch+easy]": ({"easy_negatives": easy, "hard_fraction": 0.0}, 0.0),
+            "two_tower[negatives=in_batch+easy+hard]": ({"easy_negatives": easy, "hard_fraction": 0.5}, 0.0),
+            "two_tower[objective=pointwise]": ({"objective": "pointwise"}, 0.0),
+            "two_tower[objective=pairwise_hinge]": ({"objective": "pairwise_hinge"}, 0.0),
+            "two_tower[objective=pairwise_logistic]": ({"objective": "pairwise_logistic"}, 0.0),
         }
-        for name, changes in variants.items():
-            out[name] = make(name, dataclasses.replace(base, **changes))
+        for name, (changes, prior) in variants.items():
+            out[name] = make(name, dataclasses.replace(base, **changes), prior)
     return out
 
 
@@ -407,6 +423,8 @@ def run(args: argparse.Namespace) -> int:
         ml100k_test_fraction=args.test_fraction,
         min_rating=args.min_rating,
         epochs=args.epochs,
+        serving_prior=args.serving_prior,
+        prior_half_life_days=args.prior_half_life,
     )
     out_dir = Path("runs") / f"eval-{config.dataset}"
     json_path = Path(args.json) if args.json else out_dir / "metrics.json"
@@ -474,6 +492,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=int,
         default=None,
         help="two-tower training epochs (default: 2 with --quick, else the retriever's default)",
+    )
+    p.add_argument(
+        "--serving-prior",
+        type=float,
+        default=0.0,
+        metavar="GAMMA",
+        help="also report two_tower+prior, ranked by cos/tau + GAMMA * log(item click share) (bench/serving_prior.py)",
+    )
+    p.add_argument(
+        "--prior-half-life",
+        type=float,
+        default=None,
+        metavar="DAYS",
+        help="with --serving-prior: weigh each click 2**(-age/DAYS) in the click share (default: unweighted)",
     )
     p.add_argument("--test-fraction", type=float, default=0.1, help="ml100k: share of the latest clicks held out")
     p.add_argument("--min-rating", type=float, default=0.0, help="ml100k: ratings below this are not clicks")

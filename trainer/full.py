@@ -6,9 +6,16 @@
 2. Hold back the newest ``holdout_fraction`` of the day's clicks (by time) for the gate.
 3. Warm-start from the current version: its encoder extended with the new ids (old rows keep their index),
    its weights for known rows, new rows starting at the default row; or a fresh model when there is none.
+   The optimizer's state (Adam moments and step) and the logQ frequency estimate carry over too, when the
+   current version has them (:class:`trainer.warm_state.TrainingState`): embedding tables that grew keep the
+   moments of their old rows, new rows start at zero. ``carry_optimizer = false`` (``--fresh-optimizer``)
+   resets the moments, e.g. after changing the learning rate a lot; ``carry_frequency = false``
+   (``--fresh-frequency``) restarts the estimate of ``p_j``. A parameter whose shape changed otherwise, or a
+   frequency state built with other hash settings, starts fresh with a warning.
 4. Train ONE shuffled epoch on the rest, all parameters (``--nproc N``: data-parallel, :mod:`trainer.distributed`).
-5. Write a new version (parent = current; data cutoff = the newest click trained on, from which the online
-   learner replays), run the gate (:mod:`trainer.gate`) and promote it, or keep the current version and say why.
+5. Write a new version with its optimizer and frequency state (parent = current; data cutoff = the newest
+   click trained on, from which the online learner replays), run the gate (:mod:`trainer.gate`) and promote
+   it, or keep the current version and say why.
 
 Exit codes: 0 the candidate passed the gate (and was promoted unless ``--no-promote``); 2 bad arguments or
 settings; 3 the gate refused the candidate (it is kept as a non-current version for inspection) or training
@@ -34,15 +41,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from streaming import archive
 from streaming.settings import SettingsError, load_settings
-from trainer.artifact import ModelVersion, load_version, make_version, new_version_id, save_version
+from trainer.artifact import (
+    ArtifactError,
+    ModelVersion,
+    load_training_state,
+    load_version,
+    make_version,
+    new_version_id,
+    save_version,
+)
 from trainer.dataset import Dataset
 from trainer.features import FeatureEncoder
+from trainer.frequency import FrequencyEstimator
 from trainer.gate import GateConfig, GateDecision, decide, holdout_split
 from trainer.model import ModelConfig, TwoTowerModel
 from trainer.registry import Registry
-from trainer.train import TrainConfig, TrainStats, train_epoch
+from trainer.train import TrainConfig, TrainStats, make_estimator, make_optimizer, train_epoch
+from trainer.warm_state import TrainingState
 
 __all__ = [
     "EXIT_NO_DATA",
@@ -73,7 +92,8 @@ class FullSettings:
 
     ``day``: ``YYYY-MM-DD`` or None for the newest archived day before today (UTC). ``gate_margin`` /
     ``gate_margin_mode``: see :mod:`trainer.gate`. ``keep_versions``: versions kept on disk besides the
-    current one, its parent and the rollback target.
+    current one, its parent and the rollback target. ``carry_optimizer`` / ``carry_frequency``: warm-start
+    the Adam moments / the logQ frequency estimate from the current version (the module docstring, step 3).
     """
 
     archive_dir: Path = Path("data/archive")
@@ -86,6 +106,8 @@ class FullSettings:
     gate_margin_mode: str = "absolute"
     promote: bool = True
     keep_versions: int = 5
+    carry_optimizer: bool = True
+    carry_frequency: bool = True
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -160,6 +182,37 @@ def _warm_start(
     return model, encoder
 
 
+def _carry_state(
+    parent: ModelVersion | None,
+    settings: FullSettings,
+    model: TwoTowerModel,
+    optimizer: torch.optim.Optimizer,
+    estimator: FrequencyEstimator,
+) -> None:
+    """Restore the parent's optimizer and frequency state, as far as settings allow, into fresh ones."""
+    if parent is None or parent.path is None:
+        return
+    state = TrainingState()
+    if settings.carry_optimizer or settings.carry_frequency:
+        try:
+            state = load_training_state(parent.path)
+        except ArtifactError as exc:
+            # The weights are what a warm start needs; a damaged optional file costs only the moments.
+            logger.warning("parent %s: unreadable training state, starting it fresh: %s", parent.version_id, exc)
+    if not settings.carry_optimizer:
+        logger.info("carry_optimizer is off: fresh optimizer state")
+    elif state.optimizer is None:
+        logger.info("parent %s holds no optimizer state: starting it fresh", parent.version_id)
+    else:
+        state.restore_optimizer(model, optimizer)
+    if not settings.carry_frequency:
+        logger.info("carry_frequency is off: the frequency estimate starts fresh")
+    elif state.frequency is None:
+        logger.info("parent %s holds no frequency state: the estimate starts fresh", parent.version_id)
+    elif state.restore_estimator(estimator):
+        logger.info("frequency estimate continues from step %d of %s", estimator.step, parent.version_id)
+
+
 def run_full(settings: FullSettings, model_config: ModelConfig, train_config: TrainConfig) -> FullResult:
     """One nightly run (see the module docstring); returns what happened, never raises for a refusal."""
     day = pick_day(settings.archive_dir, settings.day)
@@ -190,16 +243,34 @@ def run_full(settings: FullSettings, model_config: ModelConfig, train_config: Tr
             "current version %s already saw data up to %d, past day %s", current_id, parent.data_cutoff_ms, day
         )
     model, encoder = _warm_start(parent, train, parent.model_config if parent else model_config)
+    # Built after the resize: the optimizer holds the grown tables, not the parent's.
+    optimizer, estimator = make_optimizer(model, train_config), make_estimator(train_config)
+    _carry_state(parent, settings, model, optimizer, estimator)
 
     try:
         if settings.nproc > 1:
             from trainer.distributed import train_distributed
 
             stats = train_distributed(
-                model, encoder, train, train_config, nproc=settings.nproc, progress=settings.progress
+                model,
+                encoder,
+                train,
+                train_config,
+                nproc=settings.nproc,
+                progress=settings.progress,
+                optimizer=optimizer,
+                estimator=estimator,
             )
         else:
-            stats = train_epoch(model, encoder, train, train_config, progress=settings.progress)
+            stats = train_epoch(
+                model,
+                encoder,
+                train,
+                train_config,
+                progress=settings.progress,
+                optimizer=optimizer,
+                estimator=estimator,
+            )
     except FloatingPointError as exc:
         # A NaN/inf loss: nothing finite to gate, so no version is written.
         msg = f"training diverged ({exc}); {current_id} stays current"
@@ -220,7 +291,12 @@ def run_full(settings: FullSettings, model_config: ModelConfig, train_config: Tr
     )
     decision = decide(candidate, parent, split, settings.gate)
     with registry.new_version(version_id) as directory:
-        save_version(directory, candidate, metrics={"holdout": decision.candidate_metrics, "gate": decision.to_dict()})
+        save_version(
+            directory,
+            candidate,
+            metrics={"holdout": decision.candidate_metrics, "gate": decision.to_dict()},
+            training_state=TrainingState.capture(model, optimizer, estimator),
+        )
     for reason in decision.reasons:
         logger.info("gate: %s", reason)
     result: dict[str, Any] = {"version_id": version_id, "parent": current_id, "decision": decision, "stats": stats}
@@ -252,6 +328,8 @@ def run(args: argparse.Namespace) -> int:
         "gate_margin": args.margin,
         "gate_margin_mode": args.margin_mode,
         "keep_versions": args.keep,
+        "carry_optimizer": False if args.fresh_optimizer else None,
+        "carry_frequency": False if args.fresh_frequency else None,
         "promote": False if args.no_promote else None,
         "progress": False if args.no_progress else None,
     }
@@ -291,5 +369,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--margin-mode", choices=("absolute", "relative"), help="margin in recall points or as a share")
     p.add_argument("--keep", type=int, help="versions kept on disk besides current, parent, rollback target (5)")
     p.add_argument("--no-promote", action="store_true", help="write and gate the version, but do not promote it")
+    p.add_argument("--fresh-optimizer", action="store_true", help="do not carry the parent's Adam moments over")
+    p.add_argument("--fresh-frequency", action="store_true", help="do not carry the parent's logQ estimate over")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)

@@ -238,6 +238,11 @@ class ALS(_MatrixPeer):
     implicit's own examples do (it damps heavy users), scaled by ``alpha``; ``"confidence"`` uses
     ``1 + alpha * count`` as in the paper. CPU only, ``threads`` native threads and one BLAS thread (implicit warns that a threaded BLAS
     slows its solver down), seeded so two fits give the same factors.
+
+    ``serving_prior`` (``gamma``) adds ``gamma * log p_j`` to every score, ``p_j`` the item's add-one smoothed
+    share of the training clicks, each click weighted ``2 ** (-age / prior_half_life_days)`` (age from the last
+    training click) when that is set: the same popularity prior :class:`~trainer.retriever.TwoTowerRetriever`
+    can serve with, so that the two are compared on equal terms (``bench/serving_prior.py``).
     """
 
     def __init__(
@@ -251,16 +256,24 @@ class ALS(_MatrixPeer):
         bm25_b: float = 0.8,
         threads: int = 1,
         seed: int = 0,
+        serving_prior: float = 0.0,
+        prior_half_life_days: float | None = None,
     ) -> None:
         super().__init__()
         if weighting not in ("bm25", "confidence"):
             raise ValueError(f"weighting must be 'bm25' or 'confidence', got {weighting!r}")
+        if not (np.isfinite(serving_prior) and serving_prior >= 0):
+            raise ValueError(f"serving_prior must be a finite number >= 0, got {serving_prior}")
+        if prior_half_life_days is not None and not prior_half_life_days > 0:
+            raise ValueError(f"prior_half_life_days must be > 0 or None, got {prior_half_life_days}")
+        self.serving_prior, self.prior_half_life_days = float(serving_prior), prior_half_life_days
         self.factors, self.regularization, self.iterations = factors, regularization, iterations
         self.alpha, self.weighting, self.bm25_k1, self.bm25_b = alpha, weighting, bm25_k1, bm25_b
         self.threads, self.seed = threads, seed
         self.name = "als"
         self._user_factors = np.empty((0, factors))
         self._item_factors = np.empty((0, factors))
+        self._clicks: tuple[np.ndarray, np.ndarray] = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
 
     def fit(self, train: Dataset) -> None:
         from implicit.cpu.als import AlternatingLeastSquares
@@ -292,6 +305,20 @@ class ALS(_MatrixPeer):
             model.fit(weighted.astype(np.float32).tocsr(), show_progress=False)
         self._user_factors = np.asarray(model.user_factors, dtype=np.float64)
         self._item_factors = np.asarray(model.item_factors, dtype=np.float64)
+        self._clicks = (np.searchsorted(data.items, train.clicks.item), train.clicks.ts_ms)
+
+    def item_log_prior(self) -> np.ndarray:
+        """``log p_j`` ``[n_items]`` over the clicked items (see the class docstring)."""
+        data = self._require_fit()
+        cols, ts = self._clicks
+        weights = None
+        if self.prior_half_life_days is not None and len(ts):
+            weights = np.exp2(-((ts.max() - ts) / _DAY_MS) / self.prior_half_life_days)
+        counts = np.bincount(cols, weights=weights, minlength=len(data.items))
+        return np.log((counts + 1.0) / (counts.sum() + len(counts)))
 
     def _scores(self, rows: np.ndarray) -> np.ndarray:
-        return self._user_factors[rows] @ self._item_factors.T
+        scores = self._user_factors[rows] @ self._item_factors.T
+        if self.serving_prior > 0:
+            scores += self.serving_prior * self.item_log_prior()
+        return scores

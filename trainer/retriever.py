@@ -5,6 +5,14 @@
 offline comparison from scratch needs several). ``recommend`` does what serving does: the user vector from the
 profile and the last N clicks before the request time, the item vectors of every catalogue item that exists at
 that time, and the exact top-k by inner product (= cosine; the logQ correction is a training-only term).
+
+``serving_prior`` (``gamma``) is the alternative to logQ of seed 004: train without the correction and multiply
+the softmax score by the item's prior at serving time, ``exp(cos / tau) * p_j ** gamma``, i.e. rank by
+``cos / tau + gamma * log p_j`` with ``p_j`` the item's share of the training clicks (add-one smoothed, so an item
+never clicked still ranks). In an inner-product index this is one extra dimension: ``[a / tau, gamma]`` for the
+user, ``[b, log p_j]`` for the item. With ``prior_half_life_days`` each click counts ``2 ** (-age / half_life)``,
+its age taken at the request time: the prior follows what is popular now rather than over the training window
+(a stream keeps such counts cheaply; offline it is the recency-weighted popularity peer's score).
 """
 
 from __future__ import annotations
@@ -39,11 +47,19 @@ class TwoTowerRetriever:
         epochs: int = DEFAULT_EPOCHS,
         *,
         name: str = "two_tower",
+        serving_prior: float = 0.0,
+        prior_half_life_days: float | None = None,
         progress: bool = False,
         batch_users: int = 1024,
     ) -> None:
         if epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {epochs}")
+        if not (np.isfinite(serving_prior) and serving_prior >= 0):
+            raise ValueError(f"serving_prior must be a finite number >= 0, got {serving_prior}")
+        self.serving_prior = float(serving_prior)
+        if prior_half_life_days is not None and not prior_half_life_days > 0:
+            raise ValueError(f"prior_half_life_days must be > 0 or None, got {prior_half_life_days}")
+        self.prior_half_life_days = prior_half_life_days
         self.name = name
         self.model_config = model_config if model_config is not None else ModelConfig()
         self.train_config = train_config if train_config is not None else TrainConfig()
@@ -58,6 +74,8 @@ class TwoTowerRetriever:
         self._item_ids: list[str] = []
         self._item_created: np.ndarray = np.zeros(0, dtype=np.int64)
         self._item_vectors: Tensor | None = None
+        self._click_columns: np.ndarray = np.zeros(0, dtype=np.int64)  # training click -> row of _item_ids
+        self._click_ts: np.ndarray = np.zeros(0, dtype=np.int64)
 
     @property
     def model(self) -> TwoTowerModel:
@@ -97,6 +115,9 @@ class TwoTowerRetriever:
             [train.items[i].created_ms if i in train.items else -1 for i in self._item_ids], dtype=np.int64
         )
         self._item_vectors = self._compute_item_vectors(self._item_ids)
+        column = {item: c for c, item in enumerate(self._item_ids)}
+        columns = np.array([column.get(i, -1) for i in train.clicks.item.tolist()], dtype=np.int64)
+        self._click_columns, self._click_ts = columns[columns >= 0], train.clicks.ts_ms[columns >= 0]
 
     @torch.no_grad()
     def _compute_item_vectors(self, item_ids: Sequence[str]) -> Tensor:
@@ -113,9 +134,23 @@ class TwoTowerRetriever:
         """Ids and ``[N, dim]`` unit vectors of the training catalogue items created before ``at_ms`` (all: None)."""
         if self._item_vectors is None:
             raise RuntimeError(f"{self.name}: call fit(train) first")
-        keep = np.ones(len(self._item_ids), dtype=bool) if at_ms is None else self._item_created < at_ms
-        rows = np.flatnonzero(keep)
+        rows = self._rows_at(at_ms)
         return [self._item_ids[r] for r in rows], self._item_vectors[torch.from_numpy(rows)]
+
+    def _rows_at(self, at_ms: int | None) -> np.ndarray:
+        keep = np.ones(len(self._item_ids), dtype=bool) if at_ms is None else self._item_created < at_ms
+        return np.flatnonzero(keep)
+
+    def item_log_prior(self, at_ms: int) -> np.ndarray:
+        """``log p_j`` ``[N]`` for every training catalogue item: its add-one smoothed share of the training clicks
+        made before ``at_ms``, each weighted ``2 ** (-age / half_life)`` when ``prior_half_life_days`` is set."""
+        before = self._click_ts < at_ms
+        weights = None
+        if self.prior_half_life_days is not None:
+            age_days = (at_ms - self._click_ts[before]) / 86_400_000
+            weights = np.exp2(-age_days / self.prior_half_life_days)
+        counts = np.bincount(self._click_columns[before], weights=weights, minlength=len(self._item_ids))
+        return np.log((counts + 1.0) / (counts.sum() + len(counts)))
 
     @torch.no_grad()
     def user_vectors(self, user_ids: Sequence[str], at_ms: int) -> Tensor:
@@ -132,6 +167,11 @@ class TwoTowerRetriever:
         """Top ``k`` item ids per user, best first, never an item the user clicked in training."""
         assert self._history is not None
         item_ids, item_vecs = self.item_vectors(at_ms)  # [N, d]
+        bias = None
+        if self.serving_prior > 0:
+            # Rank by cos / tau + gamma * log p_j; multiplying by tau keeps the cosine scale of the other models.
+            prior = torch.from_numpy(self.item_log_prior(at_ms)[self._rows_at(at_ms)]).float()  # [N]
+            bias = self.model.config.temperature * self.serving_prior * prior
         # vocabulary index -> column of item_vecs, to exclude clicked items by index.
         vocab = self.encoder.item_vocab
         column = np.full(len(vocab), -1, dtype=np.int64)
@@ -142,6 +182,8 @@ class TwoTowerRetriever:
         for start in range(0, len(user_ids), self.batch_users):
             users = list(user_ids[start : start + self.batch_users])
             scores = self.user_vectors(users, at_ms) @ item_vecs.T  # [b, N]
+            if bias is not None:
+                scores += bias
             for row, user in enumerate(users):
                 cols = column[self._history.clicked(user)]
                 scores[row, torch.from_numpy(cols[cols >= 0])] = float("-inf")

@@ -65,6 +65,9 @@ class TrainConfig:
     ``easy_negatives``: extra negatives per batch for listwise (0 = in-batch only); the other objectives draw their
     own (``negative_ratio`` per positive for pointwise, one for pairwise). ``hard_fraction``: share of sampled
     negatives that are hard. ``margin`` (hinge) and ``sigma`` (logistic) are in cosine units.
+    ``logq_weight``: the strength ``beta`` of the correction, ``cos / tau - beta * log q_j`` (1 = the full correction
+    of Yi et al.; 0 = none; between: the model learns ``log P(j | u) - (1 - beta) * log q_j``, a dial between the
+    likelihood, which favours hot items, and a PMI-like score, which favours the tail; ``bench/logq_tradeoff.py``).
     ``hot_item_threshold``: word2vec-style down-sampling of hot positives (None = off). ``id_dropout``: probability
     of replacing a user or item id by the default index 0, which trains row 0 into the embedding that new ids start
     from. ``first_batches``: how many batches :attr:`TrainStats.first_loss` averages.
@@ -75,6 +78,7 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     logq: bool = True
+    logq_weight: float = 1.0
     easy_negatives: int = 128
     hard_fraction: float = 0.0
     hard_skip: int = 10
@@ -109,6 +113,8 @@ class TrainConfig:
         for name in ("hard_fraction", "id_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not (math.isfinite(self.logq_weight) and self.logq_weight >= 0):
+            raise ValueError(f"logq_weight must be a finite number >= 0, got {self.logq_weight}")
         if self.easy_negatives < 0 or self.ssl_batch < 0 or self.ssl_weight < 0:
             raise ValueError("easy_negatives, ssl_batch and ssl_weight must be >= 0")
         if self.hot_item_threshold is not None and not self.hot_item_threshold > 0:
@@ -286,13 +292,13 @@ def _main_loss(
             # seen in this batch, given that it appeared.
             _, inverse, copies = np.unique(rows, return_inverse=True, return_counts=True)
             log_q = estimator.log_q(item_ids) + np.log(copies[inverse])
-            pos_log_q = torch.from_numpy(log_q).float()
+            pos_log_q = torch.from_numpy(config.logq_weight * log_q).float()
         extra = extra_log_q = extra_ids = None
         if config.easy_negatives > 0 and data.sampler is not None:
             neg_rows, neg_log_q = data.extra_negatives(user_vecs)
             extra = model.item_vectors(data.items.select(torch.from_numpy(neg_rows)))  # [M, d]
             extra_ids = torch.from_numpy(neg_rows)
-            extra_log_q = torch.from_numpy(neg_log_q).float() if config.logq else None
+            extra_log_q = torch.from_numpy(config.logq_weight * neg_log_q).float() if config.logq else None
         return listwise_loss(
             user_vecs,
             pos_vecs,
