@@ -62,10 +62,10 @@ from trainer.train import TrainConfig  # noqa: E402
 
 logger = logging.getLogger("bench.serving_prior")
 
-GAMMAS = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
+GAMMAS = (0.0, 0.25, 0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0)
 HALF_LIVES = (0.5, 1.0, 3.0, 7.0, 30.0, math.inf)  # days; inf = undecayed
 # ALS scores are predicted preferences (about 0 .. 1), not cosines over a temperature: a grid on its own scale.
-ALS_GAMMAS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0)
+ALS_GAMMAS = (0.0, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 KEYS = ("recall@10", "recall@20", "recall@50", "ndcg@20", "head_recall@20", "tail_recall@20", "coverage@50")
 
 
