@@ -15,18 +15,16 @@ import torch
 from streaming.archive import ArchiveWriter, read_day
 from streaming.events import Click
 from streaming.sources.synthetic import SyntheticWorld, WorldConfig
+from tests.full_fixtures import DAY1, DAY2, MODEL, full_settings
 from trainer.__main__ import main
 from trainer.artifact import load_version
 from trainer.dataset import Dataset
 from trainer.distributed import shard_by_user
-from trainer.full import EXIT_NO_DATA, EXIT_PROMOTED, EXIT_REFUSED, FullResult, FullSettings, pick_day, run_full
-from trainer.model import ModelConfig
+from trainer.full import EXIT_NO_DATA, EXIT_PROMOTED, EXIT_REFUSED, FullResult, pick_day, run_full
 from trainer.registry import Registry
 from trainer.train import TrainConfig
 
 torch.set_num_threads(1)
-DAY1, DAY2 = dt.date(2024, 1, 1), dt.date(2024, 1, 2)
-MODEL = ModelConfig(dim=16, id_dim=16, hidden=(64,))
 TRAIN = TrainConfig(batch_size=128)
 RECALL = "recall@20"
 
@@ -42,27 +40,22 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _settings(archive: Path, models: Path, day: dt.date, **changes: object) -> FullSettings:
-    base = FullSettings(archive_dir=archive, models_dir=models, day=day.isoformat(), recall_k=20, progress=False)
-    return dataclasses.replace(base, **changes)
-
-
 @pytest.fixture(scope="module")
 def runs(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[FullResult, Path]]:
     """Day 1 from scratch, then day 2 four ways: warm on 1 process, warm on 2, fresh, and diverging."""
     root = tmp_path_factory.mktemp("models")
     out: dict[str, tuple[FullResult, Path]] = {}
     first = root / "warm"
-    out["day1"] = (run_full(_settings(archive, first, DAY1), MODEL, TRAIN), first)
+    out["day1"] = (run_full(full_settings(archive, first, DAY1), MODEL, TRAIN), first)
     for name in ("warm2", "diverged"):
         shutil.copytree(first, root / name)
-    out["warm"] = (run_full(_settings(archive, first, DAY2), MODEL, TRAIN), first)
-    out["warm2"] = (run_full(_settings(archive, root / "warm2", DAY2, nproc=2), MODEL, TRAIN), root / "warm2")
-    out["fresh"] = (run_full(_settings(archive, root / "fresh", DAY2), MODEL, TRAIN), root / "fresh")
+    out["warm"] = (run_full(full_settings(archive, first, DAY2), MODEL, TRAIN), first)
+    out["warm2"] = (run_full(full_settings(archive, root / "warm2", DAY2, nproc=2), MODEL, TRAIN), root / "warm2")
+    out["fresh"] = (run_full(full_settings(archive, root / "fresh", DAY2), MODEL, TRAIN), root / "fresh")
     # lr = inf in a single step (the batch holds the whole day): every weight becomes inf or NaN, while the
     # one loss computed before the step is still finite, so the broken model reaches the gate.
     broken = dataclasses.replace(TRAIN, lr=math.inf, batch_size=100_000)
-    out["diverged"] = (run_full(_settings(archive, root / "diverged", DAY2), MODEL, broken), root / "diverged")
+    out["diverged"] = (run_full(full_settings(archive, root / "diverged", DAY2), MODEL, broken), root / "diverged")
     return out
 
 

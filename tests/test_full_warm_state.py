@@ -13,7 +13,7 @@ import torch
 
 from streaming.archive import ArchiveWriter
 from streaming.events import Click, Item
-from tests.test_full import DAY1, DAY2, MODEL, _settings
+from tests.full_fixtures import DAY1, DAY2, MODEL, full_settings
 from trainer.__main__ import main
 from trainer.artifact import (
     ArtifactError,
@@ -70,7 +70,7 @@ def nights(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     for the command-line test."""
     root = tmp_path_factory.mktemp("models")
     out: dict[str, tuple[FullResult, Path]] = {}
-    out["night1"] = (run_full(_settings(archive, root / "carry", DAY1), MODEL, TRAIN), root / "carry")
+    out["night1"] = (run_full(full_settings(archive, root / "carry", DAY1), MODEL, TRAIN), root / "carry")
     for name in ("ddp", "fresh_adam", "fresh_freq"):
         shutil.copytree(root / "carry", root / name)
     night1 = out["night1"][0].version_id
@@ -80,11 +80,11 @@ def nights(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         save_version(directory, load_version(Registry(root / "carry").path(night1)))
     old.promote(night1)
 
-    out["carry"] = (run_full(_settings(archive, root / "carry", DAY2), MODEL, TRAIN), root / "carry")
-    out["ddp"] = (run_full(_settings(archive, root / "ddp", DAY2, nproc=2), MODEL, TRAIN), root / "ddp")
-    fresh = _settings(archive, root / "fresh_adam", DAY2, carry_optimizer=False)
+    out["carry"] = (run_full(full_settings(archive, root / "carry", DAY2), MODEL, TRAIN), root / "carry")
+    out["ddp"] = (run_full(full_settings(archive, root / "ddp", DAY2, nproc=2), MODEL, TRAIN), root / "ddp")
+    fresh = full_settings(archive, root / "fresh_adam", DAY2, carry_optimizer=False)
     out["fresh_adam"] = (run_full(fresh, MODEL, TRAIN), root / "fresh_adam")
-    out["old"] = (run_full(_settings(archive, root / "old", DAY2), MODEL, TRAIN), root / "old")
+    out["old"] = (run_full(full_settings(archive, root / "old", DAY2), MODEL, TRAIN), root / "old")
     return out
 
 

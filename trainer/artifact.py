@@ -12,8 +12,10 @@ A version is a directory::
     optimizer.pt       optional: the optimizer's per-parameter state (Adam: step, exp_avg, exp_avg_sq) keyed by
                        parameter NAME, plain tensors
     frequency.npz      optional: the logQ frequency estimator's arrays and step (:class:`FrequencyEstimator`)
+    id_activity.npz    optional: the newest activity time of every user and item id (:class:`IdActivity`), from
+                       which the next nightly run expires ids (:mod:`trainer.expiry`)
 
-The two optional files are the :class:`~trainer.warm_state.TrainingState` the next nightly run warm-starts from besides the
+The optimizer and frequency files are the :class:`~trainer.warm_state.TrainingState` the next nightly run warm-starts from besides the
 weights (DESIGN.md "Updating the model": the full update starts from yesterday's parameters; Yi et al. 2019:
 ``p_j`` follows the stream, so an estimate restarted every night is wrong for the first batches). Versions
 saved without them still load; serving never reads them (:func:`load_training_state` does).
@@ -48,6 +50,7 @@ import torch
 from torch import Tensor
 
 from streaming.events import Item
+from trainer.expiry import IdActivity
 from trainer.features import FeatureEncoder
 from trainer.model import ModelConfig, TwoTowerModel
 from trainer.train import TrainConfig
@@ -59,6 +62,7 @@ __all__ = [
     "ModelVersion",
     "build_index",
     "compute_item_vectors",
+    "load_id_activity",
     "load_training_state",
     "load_version",
     "make_version",
@@ -79,7 +83,8 @@ ITEM_VECTORS = "item_vectors.npy"
 INDEX = "items.faiss"
 OPTIMIZER = "optimizer.pt"
 FREQUENCY = "frequency.npz"
-_FILES = (WEIGHTS, ENCODER, ITEM_IDS, ITEM_VECTORS, INDEX)  # required; OPTIMIZER and FREQUENCY are optional
+ACTIVITY = "id_activity.npz"
+_FILES = (WEIGHTS, ENCODER, ITEM_IDS, ITEM_VECTORS, INDEX)  # required; OPTIMIZER, FREQUENCY, ACTIVITY optional
 _CHUNK = 1 << 20
 
 
@@ -142,11 +147,14 @@ def new_version_id(now_ms: int | None = None) -> str:
 def compute_item_vectors(
     model: TwoTowerModel, encoder: FeatureEncoder, catalogue: Mapping[str, Item], batch_size: int = 4096
 ) -> tuple[list[str], np.ndarray]:
-    """Vectors of every item the encoder knows (its item vocabulary, in index order): ids and ``[N, dim]``.
+    """Vectors of every item the encoder knows (its item vocabulary, in index order), then of every catalogue
+    item it has no ID row for (sorted; its row expired, :mod:`trainer.expiry`: features and the default row):
+    ids and ``[N, dim]``.
 
     An id without a catalogue record (clicked but never described) gets default features, as in training.
     """
-    ids = list(encoder.item_vocab.tokens)
+    vocab = encoder.item_vocab
+    ids = list(vocab.tokens) + sorted(item for item in catalogue if item not in vocab)
     model.eval()
     parts = [
         model.item_vectors(encoder.encode_items(ids[s : s + batch_size], catalogue)).numpy()
@@ -230,11 +238,13 @@ def save_version(
     *,
     metrics: Mapping[str, Any] | None = None,
     training_state: TrainingState | None = None,
+    id_activity: IdActivity | None = None,
 ) -> Path:
     """Write ``version`` into the empty ``directory`` (a registry staging dir); returns the manifest path.
 
     ``metrics`` are merged into the manifest's metrics (e.g. the gate's verdict, known only after evaluation).
-    ``training_state``: the optimizer and frequency state to carry into the next warm start (each optional).
+    ``training_state``: the optimizer and frequency state to carry into the next warm start (each optional);
+    ``id_activity``: the ids' activity times, from which the next run expires ids (must fit the encoder).
     The manifest is written last, so a directory with a manifest has all its files.
     """
     directory = Path(directory)
@@ -257,6 +267,11 @@ def save_version(
         # Compressed: most buckets of a large table are untouched zeros on small days.
         np.savez_compressed(directory / FREQUENCY, **{k: np.asarray(v) for k, v in training_state.frequency.items()})
         names.append(FREQUENCY)
+    if id_activity is not None:
+        if not id_activity.fits(version.encoder):
+            raise ValueError("id_activity does not fit the version's ID vocabularies")
+        np.savez_compressed(directory / ACTIVITY, **id_activity.to_arrays())
+        names.append(ACTIVITY)
     manifest = dict(version.manifest)
     manifest["metrics"] = {**manifest.get("metrics", {}), **dict(metrics or {})}
     manifest["files"] = {
@@ -365,3 +380,20 @@ def load_training_state(path: str | Path) -> TrainingState:
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             raise ArtifactError(f"{file}: not a plain .npz of arrays: {exc}") from None
     return TrainingState(kind, optimizer, frequency)
+
+
+def load_id_activity(path: str | Path) -> IdActivity | None:
+    """The id activity saved with the version at ``path`` (None for a version saved without it), checked against
+    the manifest (:meth:`IdActivity.fits` tells whether it fits the version's encoder)."""
+    path = Path(path)
+    files = read_manifest(path)["files"]
+    if ACTIVITY not in files:
+        return None
+    file = path / ACTIVITY
+    _verify_file(file, files[ACTIVITY])
+    try:
+        with np.load(file, allow_pickle=False) as arrays:
+            activity = IdActivity.from_arrays({name: arrays[name] for name in arrays.files})
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ArtifactError(f"{file}: not the plain user/item arrays of an id activity: {exc}") from None
+    return activity

@@ -211,6 +211,19 @@ class Vocab:
         new._add(sorted(set(tokens) - self._index.keys()))
         return new
 
+    def retained(self, keep: np.ndarray) -> tuple[Vocab, np.ndarray]:
+        """A compacted copy holding only the tokens whose index ``keep`` (bool ``[len(self)]``) marks, in their
+        old order, and ``rows``: int64 ``[len(new)]``, the old index of every new index (``rows[0] = 0``).
+
+        The one operation that renumbers: only for a new model version (:mod:`trainer.expiry`), whose tables are
+        gathered with ``rows``; within a version indices never change.
+        """
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (len(self),):
+            raise ValueError(f"keep must be a bool mask of shape ({len(self)},), got {keep.shape}")
+        rows = np.flatnonzero(keep[1:]) + 1
+        return Vocab([self._tokens[r - 1] for r in rows], self.max_size), np.concatenate([[0], rows]).astype(np.int64)
+
     def to_dict(self) -> dict[str, Any]:
         return {"tokens": list(self._tokens), "max_size": self.max_size}
 
@@ -445,6 +458,17 @@ class FeatureEncoder:
                 elif isinstance(spec, DiscreteFeature | MultiValuedFeature):
                     vocabs[tower][spec.name] = self._vocabs[tower][spec.name].extended(_tokens_of(spec, records))
         return FeatureEncoder(self.user_features, self.item_features, vocabs, self._stats)
+
+    def retain_ids(self, keep: Mapping[str, np.ndarray]) -> tuple[FeatureEncoder, dict[str, np.ndarray]]:
+        """A new encoder whose ID vocabularies keep only the ids ``keep[tower]`` marks (a bool mask over the
+        tower's ID vocabulary; towers not in ``keep`` are unchanged) and, per tower, the old index of each new
+        index (:meth:`Vocab.retained`). Other vocabularies and statistics are shared as they are."""
+        vocabs = {tower: dict(v) for tower, v in self._vocabs.items()}
+        rows: dict[str, np.ndarray] = {}
+        for tower, mask in keep.items():
+            name = self._id_spec(tower).name
+            vocabs[tower][name], rows[tower] = self._vocabs[tower][name].retained(mask)
+        return FeatureEncoder(self.user_features, self.item_features, vocabs, self._stats), rows
 
     # ------------------------------------------------------------------ access
     def vocab(self, tower: Literal["user", "item"], name: str) -> Vocab:

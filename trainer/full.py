@@ -12,6 +12,9 @@
    resets the moments, e.g. after changing the learning rate a lot; ``carry_frequency = false``
    (``--fresh-frequency``) restarts the estimate of ``p_j``. A parameter whose shape changed otherwise, or a
    frequency state built with other hash settings, starts fresh with a warning.
+   With ``id_ttl_days`` (``--id-ttl-days``), ids without activity (a click; for items also an impression or
+   a catalogue record) in that many days lose their rows here (:mod:`trainer.expiry`): the tables stop
+   growing without bound, and an id that comes back starts again from the default row.
 4. Train ONE shuffled epoch on the rest, all parameters (``--nproc N``: data-parallel, :mod:`trainer.distributed`).
 5. Write a new version with its optimizer and frequency state (parent = current; data cutoff = the newest
    click trained on, from which the online learner replays), run the gate (:mod:`trainer.gate`) and promote
@@ -41,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from streaming import archive
@@ -48,6 +52,7 @@ from streaming.settings import SettingsError, load_settings
 from trainer.artifact import (
     ArtifactError,
     ModelVersion,
+    load_id_activity,
     load_training_state,
     load_version,
     make_version,
@@ -55,6 +60,7 @@ from trainer.artifact import (
     save_version,
 )
 from trainer.dataset import Dataset
+from trainer.expiry import IdActivity
 from trainer.features import FeatureEncoder
 from trainer.frequency import FrequencyEstimator
 from trainer.gate import GateConfig, GateDecision, decide, holdout_split
@@ -94,6 +100,8 @@ class FullSettings:
     ``gate_margin_mode``: see :mod:`trainer.gate`. ``keep_versions``: versions kept on disk besides the
     current one, its parent and the rollback target. ``carry_optimizer`` / ``carry_frequency``: warm-start
     the Adam moments / the logQ frequency estimate from the current version (the module docstring, step 3).
+    ``id_ttl_days``: expire the rows of ids inactive for that many days (at least 1: an id trained on the day is
+    never dropped); None keeps every id forever.
     """
 
     archive_dir: Path = Path("data/archive")
@@ -108,6 +116,7 @@ class FullSettings:
     keep_versions: int = 5
     carry_optimizer: bool = True
     carry_frequency: bool = True
+    id_ttl_days: float | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -115,6 +124,8 @@ class FullSettings:
             raise SettingsError(f"nproc must be >= 1, got {self.nproc}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise SettingsError(f"holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
+        if self.id_ttl_days is not None and not self.id_ttl_days >= 1.0:
+            raise SettingsError(f"id_ttl_days must be >= 1 (days) or unset, got {self.id_ttl_days}")
         if self.day is not None:
             try:
                 dt.date.fromisoformat(self.day)
@@ -182,14 +193,70 @@ def _warm_start(
     return model, encoder
 
 
+def _parent_activity(parent: ModelVersion) -> IdActivity:
+    """The parent's id activity, or every id active at its data cutoff when it has none that fits."""
+    activity = None
+    if parent.path is not None:
+        try:
+            activity = load_id_activity(parent.path)
+        except ArtifactError as exc:
+            logger.warning("parent %s: unreadable id activity (%s)", parent.version_id, exc)
+    if activity is not None and not activity.fits(parent.encoder):
+        logger.warning("parent %s: id activity does not fit its vocabularies", parent.version_id)
+        activity = None
+    if activity is None:
+        logger.info("parent %s: every id taken as active at its data cutoff", parent.version_id)
+        activity = IdActivity.uniform(parent.encoder, parent.data_cutoff_ms)
+    return activity
+
+
+def _expire_ids(
+    model: TwoTowerModel,
+    encoder: FeatureEncoder,
+    parent: ModelVersion | None,
+    train: Dataset,
+    day_end_ms: int,
+    ttl_days: float | None,
+) -> tuple[FeatureEncoder, IdActivity, dict[str, np.ndarray], dict[str, Any]]:
+    """Bring the id activity up to ``train`` and, with a TTL, drop the rows of ids inactive since ``day_end_ms -
+    ttl``; returns the encoder, the activity, the parameters' row maps (for the optimizer state) and a summary."""
+    start = _parent_activity(parent) if parent is not None else IdActivity.uniform(encoder, 0)
+    activity = start.extended(encoder).observed(encoder, train)
+    rows: dict[str, np.ndarray] = {}
+    expired = {"user": 0, "item": 0}
+    if ttl_days is not None:
+        keep = activity.live(day_end_ms - int(ttl_days * DAY_MS))
+        expired = {tower: int((~mask).sum()) for tower, mask in keep.items()}
+        if any(expired.values()):
+            encoder, rows = encoder.retain_ids(keep)
+            model.take_id_rows(encoder, rows)
+            activity = activity.taken(rows)
+            logger.info(
+                "expired %d user and %d item ids inactive for %g days: %s",
+                expired["user"],
+                expired["item"],
+                ttl_days,
+                encoder.describe(),
+            )
+    summary = {
+        "ttl_days": ttl_days,
+        "expired": expired,
+        "rows": {"user": len(encoder.user_vocab), "item": len(encoder.item_vocab)},
+    }
+    param_rows = {name: rows[vocab] for name, vocab in model.id_row_tables().items() if vocab in rows}
+    return encoder, activity, param_rows, summary
+
+
 def _carry_state(
     parent: ModelVersion | None,
     settings: FullSettings,
     model: TwoTowerModel,
     optimizer: torch.optim.Optimizer,
     estimator: FrequencyEstimator,
+    rows: dict[str, np.ndarray],
 ) -> None:
-    """Restore the parent's optimizer and frequency state, as far as settings allow, into fresh ones."""
+    """Restore the parent's optimizer and frequency state, as far as settings allow, into fresh ones; ``rows``:
+    the tables compacted by expiry (parameter name -> old row of each new row)."""
     if parent is None or parent.path is None:
         return
     state = TrainingState()
@@ -204,7 +271,7 @@ def _carry_state(
     elif state.optimizer is None:
         logger.info("parent %s holds no optimizer state: starting it fresh", parent.version_id)
     else:
-        state.restore_optimizer(model, optimizer)
+        state.take_rows(rows).restore_optimizer(model, optimizer)
     if not settings.carry_frequency:
         logger.info("carry_frequency is off: the frequency estimate starts fresh")
     elif state.frequency is None:
@@ -243,9 +310,12 @@ def run_full(settings: FullSettings, model_config: ModelConfig, train_config: Tr
             "current version %s already saw data up to %d, past day %s", current_id, parent.data_cutoff_ms, day
         )
     model, encoder = _warm_start(parent, train, parent.model_config if parent else model_config)
-    # Built after the resize: the optimizer holds the grown tables, not the parent's.
+    encoder, activity, rows, ids = _expire_ids(
+        model, encoder, parent, train, _day_start_ms(day) + DAY_MS, settings.id_ttl_days
+    )
+    # Built after the resize and expiry: the optimizer holds the new tables, not the parent's.
     optimizer, estimator = make_optimizer(model, train_config), make_estimator(train_config)
-    _carry_state(parent, settings, model, optimizer, estimator)
+    _carry_state(parent, settings, model, optimizer, estimator, rows)
 
     try:
         if settings.nproc > 1:
@@ -287,7 +357,7 @@ def run_full(settings: FullSettings, model_config: ModelConfig, train_config: Tr
         data_range=(_day_start_ms(day), _day_start_ms(day) + DAY_MS),
         data_cutoff_ms=int(train.clicks.ts_ms.max()),
         train_config=train_config,
-        metrics={"train": dataclasses.asdict(stats), "day": day.isoformat(), "nproc": settings.nproc},
+        metrics={"train": dataclasses.asdict(stats), "day": day.isoformat(), "nproc": settings.nproc, "ids": ids},
     )
     decision = decide(candidate, parent, split, settings.gate)
     with registry.new_version(version_id) as directory:
@@ -296,6 +366,7 @@ def run_full(settings: FullSettings, model_config: ModelConfig, train_config: Tr
             candidate,
             metrics={"holdout": decision.candidate_metrics, "gate": decision.to_dict()},
             training_state=TrainingState.capture(model, optimizer, estimator),
+            id_activity=activity,
         )
     for reason in decision.reasons:
         logger.info("gate: %s", reason)
@@ -330,6 +401,7 @@ def run(args: argparse.Namespace) -> int:
         "keep_versions": args.keep,
         "carry_optimizer": False if args.fresh_optimizer else None,
         "carry_frequency": False if args.fresh_frequency else None,
+        "id_ttl_days": args.id_ttl_days,
         "promote": False if args.no_promote else None,
         "progress": False if args.no_progress else None,
     }
@@ -371,5 +443,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-promote", action="store_true", help="write and gate the version, but do not promote it")
     p.add_argument("--fresh-optimizer", action="store_true", help="do not carry the parent's Adam moments over")
     p.add_argument("--fresh-frequency", action="store_true", help="do not carry the parent's logQ estimate over")
+    p.add_argument(
+        "--id-ttl-days",
+        type=float,
+        help="drop the rows of ids inactive for this many days (>= 1; default: keep every id)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)

@@ -18,10 +18,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from trainer.features import FeatureEncoder, ItemBatch, UserBatch
+from trainer.features import FeatureEncoder, ItemBatch, LastNFeature, UserBatch
 from trainer.towers import Tower
 
 __all__ = ["ModelConfig", "TwoTowerModel"]
@@ -106,6 +107,37 @@ class TwoTowerModel(nn.Module):
         """Every other parameter (MLPs and feature tables), frozen between nightly runs."""
         ids = {id(p) for p in self.id_embedding_parameters()}
         return [p for p in self.parameters() if id(p) not in ids]
+
+    def _id_numbered(self) -> list[tuple[str, str, str]]:
+        """``(tower, feature, vocabulary tower)`` of every table whose rows an ID vocabulary numbers."""
+        item_id = self.item_tower.id_name
+        out = [("user", self.user_tower.id_name, "user"), ("item", item_id, "item")]
+        out += [
+            ("user", spec.name, "item")
+            for spec in self.user_tower.features
+            if isinstance(spec, LastNFeature) and spec.item_vocab == item_id
+        ]
+        return out
+
+    def id_row_tables(self) -> dict[str, str]:
+        """``{parameter name: "user" | "item"}``: every table whose rows are numbered by the user- or item-ID
+        vocabulary. The ID tables of both towers, and the user tower's last-N table (item-ID numbered)."""
+        towers = {"user": self.user_tower, "item": self.item_tower}
+        return {
+            f"{tower}_tower.{towers[tower].table_parameter(feature)}": vocab
+            for tower, feature, vocab in self._id_numbered()
+        }
+
+    def take_id_rows(self, encoder: FeatureEncoder, rows: Mapping[str, np.ndarray]) -> TwoTowerModel:
+        """Gather every ID-numbered table to a compacted ``encoder`` (:meth:`FeatureEncoder.retain_ids`):
+        ``rows[vocabulary tower]`` is the old row of each new one. Kept ids keep their values bit for bit.
+        Returns ``self``; build a new optimizer afterwards, as after :meth:`resize`."""
+        towers = {"user": self.user_tower, "item": self.item_tower}
+        for tower, feature, vocab in self._id_numbered():
+            if vocab in rows:
+                size = encoder.table_sizes(tower)[feature]  # type: ignore[arg-type]
+                towers[tower].take_rows(feature, rows[vocab], size)
+        return self
 
     def resize(self, encoder: FeatureEncoder) -> TwoTowerModel:
         """Grow every table to an extended ``encoder`` (warm start). Old rows keep their values bit for bit, new

@@ -16,6 +16,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -126,6 +127,11 @@ class Tower(nn.Module):
             raise KeyError(f"feature {name!r} has no embedding table; tables: {sorted(self._keys)}") from None
 
     @property
+    def id_name(self) -> str:
+        """The name of the tower's ID feature."""
+        return self._id_name
+
+    @property
     def id_table(self) -> nn.Embedding:
         return self.table(self._id_name)
 
@@ -163,6 +169,24 @@ class Tower(nn.Module):
     def forward(self, batch: FeatureBatch, id_rows: Tensor | None = None) -> Tensor:
         """``[B, dim]`` unit vectors (cosine = dot product); ``id_rows`` as in :meth:`inputs`."""
         return F.normalize(self.mlp(self.inputs(batch, id_rows)), dim=1)
+
+    def table_parameter(self, name: str) -> str:
+        """The name of feature ``name``'s table weight among this tower's parameters (``embeddings.<key>.weight``)."""
+        self.table(name)  # a clear error for a feature without a table
+        return f"embeddings.{self._keys[name]}.weight"
+
+    @torch.no_grad()
+    def take_rows(self, name: str, rows: np.ndarray, size: int) -> None:
+        """Replace feature ``name``'s table by its ``rows`` (old row of each new row), then rows of the default
+        row 0 up to ``size`` rows (a table preallocated for a capped vocabulary)."""
+        table = self.table(name)
+        index = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        if len(index) > size or (len(index) and (int(index.min()) < 0 or int(index.max()) >= table.num_embeddings)):
+            raise ValueError(f"rows for table {name!r} ({table.num_embeddings} rows) out of range or over {size}")
+        weight = table.weight.detach()
+        taken = torch.cat([weight[index], weight[:1].expand(size - len(index), -1)], dim=0).clone()
+        table.weight = nn.Parameter(taken, requires_grad=table.weight.requires_grad)
+        table.num_embeddings = size
 
     @torch.no_grad()
     def resize(self, table_sizes: Mapping[str, int]) -> None:

@@ -63,6 +63,32 @@ class TrainingState:
             estimator.state_dict() if estimator is not None else None,
         )
 
+    def take_rows(self, rows: Mapping[str, np.ndarray]) -> TrainingState:
+        """The state with the rows of the named tables gathered as :meth:`TwoTowerModel.take_id_rows` gathers
+        the tables themselves: ``rows[parameter name]`` is the old row of each new one. An old row the saved
+        state does not reach (an id added since it was saved) gets zero moments, as a grown row does; scalars
+        (Adam's step) stay as they are. The frequency state is keyed by id strings and needs no gathering."""
+        if self.optimizer is None:
+            return self
+        taken: dict[str, dict[str, Tensor]] = {}
+        for name, state in self.optimizer.items():
+            index = rows.get(name)
+            if index is None:
+                taken[name] = dict(state)
+                continue
+            index = torch.as_tensor(np.asarray(index, dtype=np.int64))
+            out = {}
+            for key, value in state.items():
+                if value.ndim == 0:
+                    out[key] = value
+                    continue
+                reach = int(index.max()) + 1 if len(index) else 0
+                if value.shape[0] < reach:
+                    value = torch.cat([value, value.new_zeros((reach - value.shape[0], *value.shape[1:]))])
+                out[key] = value[index].clone()
+            taken[name] = out
+        return TrainingState(self.optimizer_kind, taken, self.frequency)
+
     def restore_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
         """Put the saved state on ``optimizer``'s parameters of ``model``, by name; returns the names restored.
 
