@@ -25,6 +25,11 @@ What is measured, per grid point:
 One more run (``--profile``, default batch 256 x dim 32, ``--profile-events`` 30,000 events) is made under
 cProfile; its top functions by own time and by cumulative time go into the JSON (cProfile slows Python code
 down, so its rate is not a result; the shares are what matter).
+
+One more run (``--crc-compare``, default batch 256 x dim 32) repeats a grid point with kafka-python's pure-Python
+CRC-32C in place of the ``crc32c`` C extension the project installs (kafka-python verifies the checksum of every
+record batch it fetches and picks the C version when it can import it): the ratio of the two rates, measured in
+the same run, is what the extension buys.
 Torch runs with one thread (the worker is one thread; the machine is shared).
 
 Writes ``bench/results/stream_throughput.json`` and ``.png``.
@@ -150,6 +155,7 @@ def run_point(args: argparse.Namespace) -> dict:
     from trainer.registry import Registry
 
     torch.set_num_threads(1)
+    crc = _crc_implementation(python=args.python_crc)
     kafka = KafkaSettings(bootstrap_servers=args.bootstrap, topic_prefix=args.topic_prefix)
     registry = Registry(args.models)
     version = load_version(registry.path(registry.current()))
@@ -187,6 +193,7 @@ def run_point(args: argparse.Namespace) -> dict:
     result = {
         "batch_size": args.batch_size,
         "dim": args.dim,
+        "crc32c": crc,
         "events_applied": clock.count,
         "examples": worker.learner.examples,
         "sgd_steps": len(durations),
@@ -207,6 +214,18 @@ def run_point(args: argparse.Namespace) -> dict:
     if profiler is not None:
         result["profile"] = _hot_spots(profiler, args.profile_out, top=args.profile_top)
     return result
+
+
+def _crc_implementation(python: bool) -> str:
+    """Which CRC-32C kafka-python verifies fetched batches with; ``python`` forces its pure-Python one."""
+    import kafka.record.default_records as records
+    from kafka.record import util
+    from kafka.record._crc32c import crc as crc32c_python
+
+    if python:
+        records.calc_crc32c = crc32c_python  # bound by name at import: the only call site
+        return "python"
+    return "python" if util.crc32c_c is None else "c"
 
 
 def _peak_rss_mb() -> float:
@@ -336,8 +355,17 @@ def prepare(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict:
     }
 
 
-def child(args: argparse.Namespace, bootstrap: str, prepared: dict, batch: int, dim: int, workdir: Path, profile: bool):
-    name = f"b{batch}-d{dim}{'-profile' if profile else ''}"
+def child(
+    args: argparse.Namespace,
+    bootstrap: str,
+    prepared: dict,
+    batch: int,
+    dim: int,
+    workdir: Path,
+    profile: bool,
+    python_crc: bool = False,
+):
+    name = f"b{batch}-d{dim}{'-profile' if profile else ''}{'-pycrc' if python_crc else ''}"
     out = workdir / f"{name}.json"
     cmd = [
         sys.executable,
@@ -366,6 +394,8 @@ def child(args: argparse.Namespace, bootstrap: str, prepared: dict, batch: int, 
     ]
     if profile:
         cmd += ["--profile-out", str(workdir / f"{name}.prof"), "--profile-top", str(args.profile_top)]
+    if python_crc:
+        cmd.append("--python-crc")
     subprocess.run(cmd, check=True, timeout=args.timeout + 120)
     return json.loads(out.read_text())
 
@@ -427,6 +457,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dims", default="32,64", help="embedding dims (model dim = id_dim)")
     parser.add_argument("--profile", default="256x32", help="BATCHxDIM run under cProfile ('' to skip)")
     parser.add_argument("--profile-top", type=int, default=25)
+    parser.add_argument(
+        "--crc-compare",
+        default="256x32",
+        help="BATCHxDIM rerun with kafka-python's pure-Python CRC-32C, for the ratio ('' to skip)",
+    )
     parser.add_argument("--exit-when-idle", type=float, default=2.0)
     parser.add_argument("--timeout", type=float, default=300.0, help="per grid point")
     parser.add_argument("--seed", type=int, default=11)
@@ -441,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--profile-out", help=argparse.SUPPRESS)
     parser.add_argument("--max-events", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--python-crc", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.point:
@@ -455,6 +491,9 @@ def main(argv: list[str] | None = None) -> int:
     profile = tuple(int(v) for v in args.profile.split("x")) if args.profile else None
     if profile is not None and profile[1] not in args.dims:
         parser.error(f"--profile dim {profile[1]} is not among --dims {args.dims}")
+    crc_point = tuple(int(v) for v in args.crc_compare.split("x")) if args.crc_compare else None
+    if crc_point is not None and crc_point not in grid:
+        parser.error(f"--crc-compare {args.crc_compare} is not a grid point")
     started = time.time()
     load_at_start = os.getloadavg()
     results: list[dict] = []
@@ -470,6 +509,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"batch {batch:>5} dim {dim:>3}: {r['events_per_s']:>8,.0f} events/s, "
                 f"{r['examples_per_s']:>7,.0f} clicks/s, SGD p50 {r['sgd_step_p50_ms']:.1f} ms "
                 f"p99 {r['sgd_step_p99_ms']:.1f} ms, RSS {r['peak_rss_mb']:.0f} MB, window {r['window_s']:.1f} s"
+            )
+        crc = None
+        if crc_point is not None:
+            print(f"batch {crc_point[0]} dim {crc_point[1]} again with the pure-Python CRC-32C ...", flush=True)
+            slow = child(args, boot, prepared, *crc_point, workdir, profile=False, python_crc=True)
+            fast = next(r for r in results if (r["batch_size"], r["dim"]) == crc_point)
+            crc = {
+                "batch_size": crc_point[0],
+                "dim": crc_point[1],
+                "c_events_per_s": fast["events_per_s"],
+                "python_events_per_s": slow["events_per_s"],
+                "speedup": fast["events_per_s"] / slow["events_per_s"],
+                "python_run": slow,
+            }
+            print(
+                f"  C {crc['c_events_per_s']:,.0f} vs Python {crc['python_events_per_s']:,.0f} events/s: "
+                f"x{crc['speedup']:.2f}"
             )
         profiled = None
         if profile is not None:
@@ -507,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "total_runtime_s": round(time.time() - started, 1),
         "results": results,
+        "crc32c_compare": crc,
         "profile": profiled,
     }
     (args.out / "stream_throughput.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -2,7 +2,8 @@
 # The main job on one machine, end to end, on a synthetic world (run by `make demo`):
 #   1. two days of events into a real Kafka broker
 #   2. the archive sink writes them as daily Parquet partitions
-#   3. the nightly full retrain trains day one and promotes version 1
+#   3. the nightly job compacts day one's archive files, then the full retrain trains on it and promotes
+#      version 1
 #   4. the streaming worker learns day two online (ID embeddings only) while the publisher
 #      pushes the changes to the RocksDB KV store every second
 #   5. what the KV store holds at the end
@@ -29,7 +30,8 @@ step "2/5 archive sink: Kafka -> daily Parquet partitions in $RUN/archive"
 $PY -m streaming archive --bootstrap "$BOOT" --topic-prefix "$PREFIX" --archive "$RUN/archive" --exit-when-idle 3
 ls "$RUN/archive"
 
-step "3/5 nightly full retrain on the first day -> model registry $RUN/models"
+step "3/5 nightly: compact the first day's archive files, full retrain on it -> model registry $RUN/models"
+$PY -m streaming compact-archive --archive "$RUN/archive" --before 2024-01-02
 $PY -m trainer full --archive "$RUN/archive" --models "$RUN/models" --day 2024-01-01
 
 step "4/5 streaming worker (incremental SGD) + publisher (every 1 s) on the days after the model's cutoff"

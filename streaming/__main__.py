@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime as dt
 import json
 import logging
 import sys
@@ -45,6 +47,13 @@ def _source(args: argparse.Namespace) -> tuple[Iterator[Event], int | None]:
 
     world = SyntheticWorld(WorldConfig(seed=args.seed, n_users=args.users, n_items=args.items, days=args.days))
     return world.events(limit=args.limit), args.limit
+
+
+def _iso_date(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a date YYYY-MM-DD, got {text!r}") from None
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
@@ -159,6 +168,21 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact_archive(args: argparse.Namespace) -> int:
+    """Compact every archived day before ``--before`` (default today, UTC); one JSON line per day."""
+    from streaming import archive
+
+    before = args.before or dt.datetime.now(dt.UTC).date()
+    chosen = [d for d in archive.days(args.archive) if d < before]
+    totals = Counter()
+    for day in tqdm(chosen, desc="compact", unit="day", disable=not sys.stderr.isatty()):
+        result = archive.compact_day(args.archive, day)
+        totals.update({k: v for k, v in dataclasses.asdict(result).items() if k != "day"})
+        print(json.dumps({**dataclasses.asdict(result), "day": day.isoformat()}, sort_keys=True))
+    logger.info("compacted %d days before %s: %s", len(chosen), before, dict(totals))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m streaming",
@@ -206,6 +230,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("archive", parents=[common], help="archive every event topic into daily Parquet partitions")
     add_archive_arguments(p)
     p.set_defaults(run=cmd_archive)
+    p = sub.add_parser(
+        "compact-archive",
+        help="merge each closed day's archive files into one file per type (safe while the sink and readers run)",
+    )
+    p.add_argument("--archive", type=Path, default=Path("data/archive"), help="archive root (default data/archive)")
+    p.add_argument(
+        "--before",
+        type=_iso_date,
+        help="compact the days before this UTC date, YYYY-MM-DD (default: today)",
+    )
+    p.set_defaults(run=cmd_compact_archive)
     return parser
 
 

@@ -19,6 +19,16 @@ idempotent, so a step interrupted by a crash can simply be repeated.
 
 Readers yield events in event-time order. Within one millisecond, catalogue and profile records
 come before impressions and clicks (so a click never precedes the record of the item it names).
+
+Compaction (:func:`compact_day`, ``python -m streaming compact-archive``). A sink flushing every minute writes
+1,440 files per (day, type), and the nightly job reads every item and profile file ever written, so closed days
+are merged into one file per run of sequence numbers: ``<type>-<first>-<last>.parquet`` holds the events of
+``<type>-<first>`` .. ``<type>-<last>`` in the order readers saw them. It is linked under its final name before
+the files it replaces are removed, and readers ignore any file whose sequence numbers a range file covers, so a
+reader sees the old files or the new one, never both, and a crash between the two steps leaves only ignored
+leftovers (the next compaction removes them). A reader that listed the old files just before they went lists
+again. A file that still has a second link (a sink's staged name: a publish in progress, or cut short by a crash
+and completed on restart) is never merged, so the sink's idempotent :func:`publish` keeps finding it.
 """
 
 from __future__ import annotations
@@ -40,12 +50,24 @@ import pyarrow.parquet as pq
 
 from streaming.events import Click, Event, Impression, Item, UserProfile
 
-__all__ = ["ArchiveWriter", "StagedFile", "day_of", "days", "fsync_dir", "publish", "read_day", "read_range"]
+__all__ = [
+    "ArchiveWriter",
+    "Compaction",
+    "StagedFile",
+    "compact_day",
+    "day_of",
+    "days",
+    "fsync_dir",
+    "publish",
+    "read_day",
+    "read_range",
+]
 
 logger = logging.getLogger(__name__)
 
 _MS_PER_DAY = 86_400_000
-_FILE_RE = re.compile(r"^(impression|click|item|user)-(\d+)\.parquet$")
+_READ_ATTEMPTS = 5
+_FILE_RE = re.compile(r"^(impression|click|item|user)-(\d+)(?:-(\d+))?\.parquet$")
 _DAY_RE = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 
 # Ties in ts_ms: state records (item, user) first, then impressions, then clicks.
@@ -228,7 +250,10 @@ def _linked_name(directory: Path, kind: str, stat: os.stat_result) -> Path | Non
     for path in directory.iterdir():
         m = _FILE_RE.match(path.name)
         if m and m.group(1) == kind:
-            other = path.stat()
+            try:
+                other = path.stat()
+            except FileNotFoundError:  # removed by a compaction since the listing
+                continue
             if (other.st_ino, other.st_dev) == (stat.st_ino, stat.st_dev):
                 return path
     return None
@@ -324,19 +349,49 @@ class ArchiveWriter:
 
 
 def _next_seq(directory: Path, kind: str) -> int:
-    seqs = [int(m.group(2)) for p in directory.iterdir() if (m := _FILE_RE.match(p.name)) and m.group(1) == kind]
-    return max(seqs, default=0) + 1
+    return max((f.last for f in _all_files(directory, frozenset({kind}))), default=0) + 1
 
 
-def _complete_files(directory: Path, types: frozenset[str] | None) -> list[tuple[str, Path]]:
+@dataclass(frozen=True)
+class _File:
+    """A complete archive file: one sequence number (``first == last``) or a compacted range of them."""
+
+    kind: str
+    first: int
+    last: int
+    path: Path
+
+    def covers(self, other: _File) -> bool:
+        return (
+            self.kind == other.kind
+            and self.first <= other.first
+            and other.last <= self.last
+            and (self.first, self.last) != (other.first, other.last)
+        )
+
+
+def _all_files(directory: Path, types: frozenset[str] | None) -> list[_File]:
+    """Every complete file in ``directory`` (of ``types``), covered ones included, by (type, first, last)."""
     if not directory.is_dir():
         return []
     out = []
-    for path in sorted(directory.iterdir()):
+    for path in directory.iterdir():
         m = _FILE_RE.match(path.name)
         if m and (types is None or m.group(1) in types):
-            out.append((m.group(1), path))
-    return out
+            first = int(m.group(2))
+            out.append(_File(m.group(1), first, int(m.group(3) or first), path))
+    return sorted(out, key=lambda f: (f.kind, f.first, f.last))
+
+
+def _visible(files: list[_File]) -> list[_File]:
+    """The files readers read: those no compacted range covers (a range file's originals, left by a crash or
+    being removed right now, are not read twice)."""
+    ranges = [f for f in files if f.last > f.first]
+    return [f for f in files if not any(r.covers(f) for r in ranges)]
+
+
+def _complete_files(directory: Path, types: frozenset[str] | None) -> list[tuple[str, Path]]:
+    return [(f.kind, f.path) for f in _visible(_all_files(directory, types))]
 
 
 def days(root: str | Path) -> list[dt.date]:
@@ -362,10 +417,15 @@ def _check_types(types: Iterable[str] | None) -> frozenset[str] | None:
     return chosen
 
 
-def _file_events(kind: str, path: Path, seq: int) -> Iterator[tuple[int, int, int, Event]]:
+def _read_table(kind: str, path: Path) -> pa.Table:
+    """A file's events sorted by time (a stable sort: ties keep their order in the file)."""
     table = pq.read_table(path, schema=_SCHEMAS[kind])
     if table.num_rows and not _is_sorted(table):
         table = table.sort_by("ts_ms")
+    return table
+
+
+def _table_events(kind: str, table: pa.Table, seq: int) -> Iterator[tuple[int, int, int, Event]]:
     rank = _RANK[kind]
     for batch in table.to_batches(max_chunksize=8192):
         for event in _from_batch(kind, batch):
@@ -381,9 +441,20 @@ def read_day(root: str | Path, day: dt.date | str, *, types: Iterable[str] | Non
     """Events of one UTC day in time order; ``types`` limits the event types read (e.g. ``{"click"}``)."""
     if isinstance(day, str):
         day = dt.date.fromisoformat(day)
-    files = _complete_files(_day_dir(Path(root), day), _check_types(types))
+    directory, chosen = _day_dir(Path(root), day), _check_types(types)
+    # Every file is read before the first event is yielded (the merge below needs each file's first event
+    # anyway), so a compaction that removes a listed file is met here, where listing again is safe.
+    for attempt in range(_READ_ATTEMPTS):
+        files = _complete_files(directory, chosen)
+        try:
+            tables = [(kind, _read_table(kind, path)) for kind, path in files]
+            break
+        except FileNotFoundError:
+            if attempt == _READ_ATTEMPTS - 1:
+                raise
+            logger.debug("%s: a file went while reading (compacted); listing again", directory)
     # Each file is sorted by time; a k-way merge keeps the whole day in order without sorting it in Python.
-    streams = [_file_events(kind, path, i) for i, (kind, path) in enumerate(files)]
+    streams = [_table_events(kind, table, i) for i, (kind, table) in enumerate(tables)]
     for _, _, _, event in heapq.merge(*streams, key=lambda t: (t[0], t[1], t[2])):
         yield event
 
@@ -402,3 +473,76 @@ def read_range(
         for event in read_day(root, day, types=chosen):
             if (start_ms is None or event.ts_ms >= start_ms) and (end_ms is None or event.ts_ms < end_ms):
                 yield event
+
+
+# --------------------------------------------------------------------------------------------------- compaction
+@dataclass(frozen=True)
+class Compaction:
+    """What :func:`compact_day` did: files read by readers before and after, rows merged, files left alone
+    because a staged link still pointed at them, and covered leftovers of an earlier compaction removed."""
+
+    day: dt.date
+    files_before: int
+    files_after: int
+    rows_merged: int
+    skipped_linked: int
+    leftovers_removed: int
+
+
+def compact_day(root: str | Path, day: dt.date | str, *, types: Iterable[str] | None = None) -> Compaction:
+    """Merge each run of consecutive files of ``day`` (per type) into one range file; see the module docstring.
+
+    Safe while readers read and while a sink writes (its new files take sequence numbers after every range);
+    meant for closed days (``python -m streaming compact-archive`` compacts days before today). Idempotent.
+    """
+    if isinstance(day, str):
+        day = dt.date.fromisoformat(day)
+    directory = _day_dir(Path(root), day)
+    chosen = _check_types(types)
+    files = _all_files(directory, chosen)
+    visible = _visible(files)
+    stale = [f for f in files if f not in visible]  # covered leftovers of a compaction cut short
+    merged: list[_File] = []
+    rows = skipped = 0
+    for kind in sorted({f.kind for f in visible}):
+        run: list[_File] = []
+        for f in [*(f for f in visible if f.kind == kind), None]:
+            if f is not None and os.stat(f.path).st_nlink == 1:
+                run.append(f)
+                continue
+            if f is not None:
+                skipped += 1  # a staged name still links it: the sink may be publishing it; it ends the run
+            if len(run) > 1:
+                rows += _merge(directory, day, kind, run)
+                merged += run
+            run = []
+    for f in stale + merged:
+        f.path.unlink(missing_ok=True)
+    if stale or merged:
+        fsync_dir(directory)
+    after = len(_visible(_all_files(directory, chosen)))
+    if merged:
+        logger.info("compacted %s: %d files -> %d (%d rows)", directory, len(visible), after, rows)
+    return Compaction(day, len(visible), after, rows, skipped, len(stale))
+
+
+def _merge(directory: Path, day: dt.date, kind: str, run: list[_File]) -> int:
+    """Write the events of ``run`` (consecutive files of one type) as one range file; returns its rows."""
+    # Concatenated in sequence order, then stably sorted by time: the order of read_day's merge by (time, seq).
+    table = pa.concat_tables([pq.read_table(f.path, schema=_SCHEMAS[kind]) for f in run])
+    if table.num_rows and not _is_sorted(table):
+        table = table.sort_by("ts_ms")
+    staged = _stage(directory, day, kind, table)
+    final = directory / f"{kind}-{run[0].first:06d}-{run[-1].last:06d}.parquet"
+    try:
+        os.link(staged.path, final)
+    except FileExistsError:
+        pass  # a concurrent compaction of the same run linked it first: the same rows
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        os.replace(staged.path, final)  # no hard links here: rename is atomic too
+    finally:
+        staged.path.unlink(missing_ok=True)
+    fsync_dir(directory)
+    return table.num_rows

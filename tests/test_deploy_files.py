@@ -20,7 +20,7 @@ def freshtower_services() -> dict[str, list[str]]:
 
 def test_every_freshtower_service_command_parses():
     services = freshtower_services()
-    assert {"worker", "publisher", "archive", "trainer", "replay"} <= set(services)
+    assert {"worker", "publisher", "archive", "compact-archive", "trainer", "replay"} <= set(services)
     for name, command in services.items():
         package, *argv = command
         parser = importlib.import_module(f"{package}.__main__").build_parser()
