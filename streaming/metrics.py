@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 __all__ = ["WorkerMetrics"]
 
@@ -36,3 +36,26 @@ class WorkerMetrics:
             "freshtower_checkpoint_timestamp_seconds", "Wall-clock time of the last checkpoint", registry=r
         )
         self.buffered = Gauge("freshtower_buffered_events", "Events fetched and not yet applied", registry=r)
+        # The model the online rows start from: how fresh the nightly side is (FreshtowerModelStale).
+        self.model = Info("freshtower_model", "The model version the worker updates", registry=r)
+        self.model_cutoff = Gauge(
+            "freshtower_model_data_cutoff_timestamp_seconds",
+            "Newest event time the current model version was trained on",
+            registry=r,
+        )
+        self.model_created = Gauge(
+            "freshtower_model_created_timestamp_seconds",
+            "Wall-clock time the current model version was made",
+            registry=r,
+        )
+        self.model_switches = Counter(
+            "freshtower_model_switches_total",
+            "Model versions adopted while running (promotions, rollbacks)",
+            registry=r,
+        )
+
+    def observe_model(self, version_id: str, data_cutoff_ms: int, created_ms: int) -> None:
+        """Record the model version now in use."""
+        self.model.info({"version": version_id})
+        self.model_cutoff.set(data_cutoff_ms / 1000)
+        self.model_created.set(created_ms / 1000)

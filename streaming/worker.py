@@ -144,6 +144,7 @@ class Worker:
         self.learner = IncrementalLearner(
             version.model, version.encoder, self.builder, settings.learner(version.train_config), self.state
         )
+        self._observe_model(version)
         self._start_ms = version.data_cutoff_ms + 1 if settings.start_at_cutoff else None
         self.pending: list[Example] = [
             Example(**{**e, "history": tuple(e["history"])}) for e in meta.get("pending", [])
@@ -459,12 +460,19 @@ class Worker:
         self.learner = IncrementalLearner(
             version.model, version.encoder, self.builder, self.settings.learner(version.train_config), self.state
         )
+        self._observe_model(version)
+        self.metrics.model_switches.inc()
         self._resolve_positions()
         for tp in list(self._queues):
             if self._names[tp.topic] == "clicks":
                 self._rewind(tp, self._replay_from_ms)
         self._replay_from_ms = None
         self.checkpoint()
+
+    def _observe_model(self, version: ModelVersion) -> None:
+        self.metrics.observe_model(
+            version.version_id, version.data_cutoff_ms, int(version.manifest.get("created_ms", 0))
+        )
 
     def _poll_registry(self) -> None:
         if self.registry is None:

@@ -30,6 +30,10 @@ SCALARS = {
     "freshtower_event_watermark_timestamp_seconds",
     "freshtower_embedding_rows",
     "freshtower_checkpoint_timestamp_seconds",
+    "freshtower_model_info",
+    "freshtower_model_data_cutoff_timestamp_seconds",
+    "freshtower_model_created_timestamp_seconds",
+    "freshtower_model_switches_total",
     "freshtower_publish_last_success_timestamp_seconds",
     "freshtower_published_watermark_timestamp_seconds",
     "freshtower_published_version",
@@ -78,7 +82,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     defined = set(re.findall(r"^\s*- alert: (\w+)$", rules, re.MULTILINE))
     quiet = set(re.findall(r"alertname: (\w+)\n\s*exp_alerts: \[\]", tests))
     firing = set(re.findall(r"alertname: (\w+)\n\s*exp_alerts:\n\s*- exp_labels:", tests))
-    assert len(defined) == 10, sorted(defined)
+    assert len(defined) == 11, sorted(defined)
     assert defined - quiet == set(), "alerts without a case where they stay quiet"
     assert defined - firing == set(), "alerts without a case where they fire"
     assert (quiet | firing) - defined == set(), "tests of alerts that do not exist"
@@ -106,6 +110,7 @@ def test_alert_rules_reference_only_exported_metrics() -> None:
         "freshtower_dead_letters_total",
         "freshtower_event_watermark_timestamp_seconds",
         "freshtower_checkpoint_timestamp_seconds",
+        "freshtower_model_data_cutoff_timestamp_seconds",
     } <= names
 
 
@@ -140,7 +145,7 @@ def check_expressions(exprs: list[str], tmp_path: Path) -> subprocess.CompletedP
 
 def test_dashboard_queries_parse(tmp_path: Path) -> None:
     queries = dashboard_queries()
-    assert len(queries) == 24
+    assert len(queries) == 25
     leftover = {k: q for k, q in queries.items() if "$" in q}
     assert leftover == {}, "dashboard variables the check does not know"
     result = check_expressions(list(queries.values()), tmp_path)
@@ -168,6 +173,7 @@ def test_dashboard_references_only_exported_metrics() -> None:
         "rate(freshtower_events_consumed_total[1m])",
         "histogram_quantile(0.99, sum by (le) (rate(freshtower_sgd_step_seconds_bucket[1m])))",
         "histogram_quantile(0.99, sum by (le) (rate(freshtower_request_seconds_bucket[1m])))",
+        "time() - freshtower_model_data_cutoff_timestamp_seconds",
     ):
         assert needed in exprs, needed
 

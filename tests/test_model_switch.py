@@ -71,6 +71,12 @@ def test_switch_replays_the_clicks_after_the_cutoff_once(kafka_settings, tmp_pat
     thread.join(timeout=60)
     assert worker.model_version == "v2"
     assert worker.learner.examples == len(clicks) + len(after_cutoff)
+    # What Prometheus sees: the model in use and how fresh its data is (FreshtowerModelStale).
+    metrics = worker.metrics.registry
+    assert metrics.get_sample_value("freshtower_model_info", {"version": "v2"}) == 1.0
+    assert metrics.get_sample_value("freshtower_model_data_cutoff_timestamp_seconds") == cutoff / 1000
+    assert metrics.get_sample_value("freshtower_model_created_timestamp_seconds") == v2.manifest["created_ms"] / 1000
+    assert metrics.get_sample_value("freshtower_model_switches_total") == (1.0 if when == "live" else 0.0)
     # The stream's statistics are not counted twice by the replay.
     assert worker.builder.clicks == dict(Counter(c.item_id for c in clicks))
     assert worker.builder.stats.clicks == len(clicks)

@@ -266,3 +266,49 @@ def test_version_info_links_parent(tmp_path: Path, tiny: tuple) -> None:
     infos = {v.version_id: v for v in registry.list()}
     assert infos["v2"].parent == "v1" and infos["v1"].parent is None
     assert infos["v2"].created_ms == 6
+
+
+def test_command_line_lists_rolls_back_and_promotes(
+    tmp_path: Path, tiny: tuple, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from trainer.__main__ import main
+
+    root = tmp_path / "models"
+    registry = Registry(root)
+    for k, vid in enumerate(("20240101T000000Z-aaaaaa", "20240102T000000Z-bbbbbb", "20240103T000000Z-cccccc")):
+        _register(registry, tiny, vid, created_ms=T0 + k)
+    registry.promote("20240101T000000Z-aaaaaa")
+    registry.promote("20240102T000000Z-bbbbbb")
+    args = ["--models", str(root)]
+
+    assert main(["versions", *args, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["current"] == "20240102T000000Z-bbbbbb" and listed["rollback_target"] == "20240101T000000Z-aaaaaa"
+    assert [v["version"] for v in listed["versions"]] == sorted(v["version"] for v in listed["versions"])
+    assert [v["current"] for v in listed["versions"]] == [False, True, False]
+    assert listed["versions"][0]["data_cutoff_ms"] == T0 + 11_000
+    assert main(["versions", *args]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].startswith("* 20240102T000000Z-bbbbbb") and table[1].startswith("< 20240101T000000Z-aaaaaa")
+    assert "2024-01-01 00:00" in table[1]  # the data cutoff, T0 + 11 s, in UTC
+
+    # The operator's two moves: back to the previous version, then forward to one that was never promoted.
+    assert main(["rollback", *args, "--reason", "bad model"]) == 0
+    assert registry.current() == "20240101T000000Z-aaaaaa"
+    assert main(["promote", "20240103T000000Z-cccccc", *args]) == 0
+    assert registry.current() == "20240103T000000Z-cccccc"
+    assert [(h["action"], h["version"], h["reason"]) for h in registry.history()][-2:] == [
+        ("rollback", "20240101T000000Z-aaaaaa", "bad model"),
+        ("promote", "20240103T000000Z-cccccc", "manual promotion"),
+    ]
+    capsys.readouterr()
+    # Mistakes get a message and exit code 2, and change nothing.
+    assert main(["promote", "20991231T000000Z-ffffff", *args]) == 2
+    assert main(["promote", "not-a-version", *args]) == 2
+    assert main(["versions", "--models", str(tmp_path / "nowhere")]) == 2
+    assert not (tmp_path / "nowhere").exists()
+    assert registry.current() == "20240103T000000Z-cccccc"
+    lone = Registry(tmp_path / "lone")
+    _register(lone, tiny, "20240101T000000Z-aaaaaa")
+    lone.promote("20240101T000000Z-aaaaaa")
+    assert main(["rollback", "--models", str(tmp_path / "lone")]) == 2

@@ -1,4 +1,5 @@
-"""``python -m trainer``: the nightly full retrain and offline evaluation."""
+"""``python -m trainer``: the nightly full retrain, offline evaluation, and the model registry's versions, rollback and
+promotion."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each command module registers its own parser and the function that runs it.
-    from trainer import evaluate, full
+    from trainer import evaluate, full, registry
 
     full.add_parser(sub)
     evaluate.add_parser(sub)
+    registry.add_parsers(sub)
     return parser
 
 

@@ -20,6 +20,7 @@ rollback target change in the same atomic replace (a crash cannot leave one with
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import json
@@ -259,3 +260,112 @@ class Registry:
         for path in self.staging_dir.iterdir():
             if ".deleting." in path.name or path.stat().st_mtime < cutoff:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ command line
+def _utc(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ms / 1000))
+
+
+def _summary(info: VersionInfo, current: str | None, target: str | None) -> dict[str, Any]:
+    manifest = read_manifest(info.path)
+    metrics = manifest.get("metrics", {})
+    gate = metrics.get("gate") or {}
+    holdout = metrics.get("holdout") or {}
+    recall = {k: v for k, v in holdout.items() if k.startswith("recall@") and not k.endswith("_se")}
+    return {
+        "version": info.version_id,
+        "current": info.version_id == current,
+        "rollback_target": info.version_id == target,
+        "parent": info.parent,
+        "created_ms": info.created_ms,
+        "data_cutoff_ms": manifest.get("data_cutoff_ms"),
+        "day": metrics.get("day"),
+        "holdout": recall,
+        "gate_accepted": gate.get("accepted"),
+    }
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    registry = _open(args.models)
+    if registry is None:
+        return 2
+    current, target = registry.current(), registry.previous()
+    rows = [_summary(info, current, target) for info in registry.list()]
+    if args.json:
+        print(json.dumps({"current": current, "rollback_target": target, "versions": rows}, indent=1))
+        return 0
+    print(
+        f"{'':2}{'version':<24} {'parent':<24} {'data cutoff (UTC)':<17} {'created (UTC)':<17} {'held-back':<16} gate"
+    )
+    for row in rows:
+        mark = "*" if row["current"] else ("<" if row["rollback_target"] else "")
+        recall = ", ".join(f"{k} {v:.4f}" for k, v in row["holdout"].items() if isinstance(v, int | float)) or "-"
+        gate = {True: "passed", False: "refused", None: "-"}[row["gate_accepted"]]
+        print(
+            f"{mark:<2}{row['version']:<24} {row['parent'] or '-':<24} {_utc(row['data_cutoff_ms']):<17} "
+            f"{_utc(row['created_ms']):<17} {recall:<16} {gate}"
+        )
+    print("* current, < rollback target" if rows else f"no versions in {registry.versions_dir}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    registry = _open(args.models)
+    if registry is None:
+        return 2
+    old = registry.current()
+    try:
+        new = registry.rollback(reason=args.reason)
+    except RegistryError as exc:
+        logger.error("%s", exc)
+        return 2
+    print(f"rolled back: {old} -> {new}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    registry = _open(args.models)
+    if registry is None:
+        return 2
+    old = registry.current()
+    try:
+        registry.promote(args.version, reason=args.reason)
+    except (RegistryError, ValueError) as exc:  # unknown version, or files that fail their manifest
+        logger.error("%s", exc)
+        return 2
+    print(f"promoted: {old} -> {args.version}")
+    return 0
+
+
+def _open(root: Path) -> Registry | None:
+    if not (root / "versions").is_dir():
+        logger.error("no model registry at %s (expected %s)", root, root / "versions")
+        return None
+    return Registry(root)
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``versions``, ``rollback`` and ``promote`` on the ``python -m trainer`` command line."""
+    models = argparse.ArgumentParser(add_help=False)
+    models.add_argument(
+        "--models", type=Path, default=Path("artifacts/models"), help="model registry root (default artifacts/models)"
+    )
+    p = subparsers.add_parser(
+        "versions", parents=[models], help="list the model versions: current, rollback target, held-back recall, gate"
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=cmd_versions)
+    p = subparsers.add_parser(
+        "rollback", parents=[models], help="make the previously promoted version current again (workers follow)"
+    )
+    p.add_argument("--reason", default="manual rollback", help="recorded in history.json")
+    p.set_defaults(run=cmd_rollback)
+    p = subparsers.add_parser(
+        "promote", parents=[models], help="make a version current by hand (after --no-promote, or to roll forward)"
+    )
+    p.add_argument("version", help="the version id (see `versions`)")
+    p.add_argument("--reason", default="manual promotion", help="recorded in history.json")
+    p.set_defaults(run=cmd_promote)
