@@ -16,7 +16,13 @@ from streaming.events import Click, Impression, Item
 from streaming.settings import SettingsError
 from tests.full_fixtures import MODEL, full_settings
 from trainer.__main__ import main
-from trainer.artifact import compute_item_vectors, load_id_activity, load_training_state, load_version
+from trainer.artifact import (
+    compute_item_vectors,
+    load_id_activity,
+    load_training_state,
+    load_version,
+    save_version,
+)
 from trainer.dataset import Dataset
 from trainer.expiry import IdActivity
 from trainer.features import FeatureEncoder, Vocab
@@ -199,6 +205,13 @@ def nights(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
 
     out = {"night1": night(ttl, 1, id_ttl_days=2.0), "night2": night(ttl, 2, id_ttl_days=2.0)}
     shutil.copytree(ttl, root / "keep")
+    # Night 2's version as versions were written before activity was kept: the same weights, no activity file.
+    night2 = out["night2"][0].version_id
+    old = Registry(root / "old")
+    with old.new_version(night2) as directory:
+        save_version(directory, load_version(Registry(ttl).path(night2)))
+    old.promote(night2)
+    out["night3_old"] = night(root / "old", 3, id_ttl_days=2.0)
     out["night3"] = night(ttl, 3, id_ttl_days=2.0)
     out["night3_keep"] = night(root / "keep", 3)
     out["night4"] = night(ttl, 4, id_ttl_days=2.0)
@@ -260,6 +273,18 @@ def test_inactive_ids_expire_and_the_rest_train_as_without_expiry(nights: dict) 
     assert activity is not None and activity.fits(v3.encoder)
     u0 = int(activity.user[v3.encoder.user_vocab.index("u0")])
     assert DAY1_MS + 2 * DAY_MS < u0 < DAY1_MS + 3 * DAY_MS
+
+
+def test_a_parent_without_activity_counts_every_id_active_at_its_cutoff(nights: dict) -> None:
+    v2, v3 = _version(nights["night2"]), _version(nights["night3_old"])
+    assert load_id_activity(v2.path) is not None  # the original has it; the copy in "old" does not
+    # Every id of the parent counts as active at its cutoff (during day 2), inside the 2-day TTL: none expires,
+    # and from now on the activity is kept.
+    assert v3.manifest["metrics"]["ids"]["expired"] == {"user": 0, "item": 0}
+    assert len(v3.encoder.user_vocab) == 11
+    activity = load_id_activity(v3.path)
+    u9 = int(activity.user[v3.encoder.user_vocab.index("u9")])
+    assert u9 == v2.data_cutoff_ms
 
 
 def test_an_id_that_comes_back_starts_again_from_the_default_row(nights: dict) -> None:
