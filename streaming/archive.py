@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 from streaming.events import Click, Event, Impression, Item, UserProfile
 
 __all__ = [
+    "ArchiveFile",
     "ArchiveWriter",
     "Compaction",
     "StagedFile",
@@ -59,8 +60,11 @@ __all__ = [
     "days",
     "fsync_dir",
     "publish",
+    "read_events",
     "read_day",
     "read_range",
+    "visible_files",
+    "write_events",
 ]
 
 logger = logging.getLogger(__name__)
@@ -353,7 +357,7 @@ def _next_seq(directory: Path, kind: str) -> int:
 
 
 @dataclass(frozen=True)
-class _File:
+class ArchiveFile:
     """A complete archive file: one sequence number (``first == last``) or a compacted range of them."""
 
     kind: str
@@ -361,7 +365,7 @@ class _File:
     last: int
     path: Path
 
-    def covers(self, other: _File) -> bool:
+    def covers(self, other: ArchiveFile) -> bool:
         return (
             self.kind == other.kind
             and self.first <= other.first
@@ -370,7 +374,7 @@ class _File:
         )
 
 
-def _all_files(directory: Path, types: frozenset[str] | None) -> list[_File]:
+def _all_files(directory: Path, types: frozenset[str] | None) -> list[ArchiveFile]:
     """Every complete file in ``directory`` (of ``types``), covered ones included, by (type, first, last)."""
     if not directory.is_dir():
         return []
@@ -379,11 +383,11 @@ def _all_files(directory: Path, types: frozenset[str] | None) -> list[_File]:
         m = _FILE_RE.match(path.name)
         if m and (types is None or m.group(1) in types):
             first = int(m.group(2))
-            out.append(_File(m.group(1), first, int(m.group(3) or first), path))
+            out.append(ArchiveFile(m.group(1), first, int(m.group(3) or first), path))
     return sorted(out, key=lambda f: (f.kind, f.first, f.last))
 
 
-def _visible(files: list[_File]) -> list[_File]:
+def _visible(files: list[ArchiveFile]) -> list[ArchiveFile]:
     """The files readers read: those no compacted range covers (a range file's originals, left by a crash or
     being removed right now, are not read twice)."""
     ranges = [f for f in files if f.last > f.first]
@@ -392,6 +396,24 @@ def _visible(files: list[_File]) -> list[_File]:
 
 def _complete_files(directory: Path, types: frozenset[str] | None) -> list[tuple[str, Path]]:
     return [(f.kind, f.path) for f in _visible(_all_files(directory, types))]
+
+
+def visible_files(root: str | Path, day: dt.date, types: Iterable[str] | None = None) -> list[ArchiveFile]:
+    """The files of ``day`` a reader reads (no range covers them), by (type, first sequence number)."""
+    return _visible(_all_files(_day_dir(Path(root), day), _check_types(types)))
+
+
+def read_events(path: str | Path, kind: str) -> list[Event]:
+    """The events of one archive-format Parquet file of type ``kind``, in the file's order."""
+    table = pq.read_table(path, schema=_SCHEMAS[kind])
+    return [event for batch in table.to_batches(max_chunksize=8192) for event in _from_batch(kind, batch)]
+
+
+def write_events(path: str | Path, kind: str, events: list[Event]) -> None:
+    """Write ``events`` of type ``kind`` (sorted by time) as a synced archive-format Parquet file at ``path``."""
+    pq.write_table(_to_table(kind, events), path)
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def days(root: str | Path) -> list[dt.date]:
@@ -502,10 +524,10 @@ def compact_day(root: str | Path, day: dt.date | str, *, types: Iterable[str] | 
     files = _all_files(directory, chosen)
     visible = _visible(files)
     stale = [f for f in files if f not in visible]  # covered leftovers of a compaction cut short
-    merged: list[_File] = []
+    merged: list[ArchiveFile] = []
     rows = skipped = 0
     for kind in sorted({f.kind for f in visible}):
-        run: list[_File] = []
+        run: list[ArchiveFile] = []
         for f in [*(f for f in visible if f.kind == kind), None]:
             if f is not None and os.stat(f.path).st_nlink == 1:
                 run.append(f)
@@ -526,7 +548,7 @@ def compact_day(root: str | Path, day: dt.date | str, *, types: Iterable[str] | 
     return Compaction(day, len(visible), after, rows, skipped, len(stale))
 
 
-def _merge(directory: Path, day: dt.date, kind: str, run: list[_File]) -> int:
+def _merge(directory: Path, day: dt.date, kind: str, run: list[ArchiveFile]) -> int:
     """Write the events of ``run`` (consecutive files of one type) as one range file; returns its rows."""
     # Concatenated in sequence order, then stably sorted by time: the order of read_day's merge by (time, seq).
     table = pa.concat_tables([pq.read_table(f.path, schema=_SCHEMAS[kind]) for f in run])

@@ -1,8 +1,10 @@
 """``python -m trainer full``: the nightly full retrain (DESIGN.md "Updating the model", seeds 000/001/003).
 
 1. Read one day of clicks from the event archive (default: the newest archived day before today, UTC, i.e.
-   yesterday when the archive is current), with the catalogue and user profiles as of that day's end (every
-   item and profile record up to then: the catalogue topics are compacted, so old items are not re-sent daily).
+   yesterday when the archive is current), with the catalogue and user profiles as of that day's end (the
+   newest item and profile record of every id up to then: the catalogue topics are compacted, so old items
+   are not re-sent daily; :mod:`streaming.archive_state` keeps a snapshot so that not every record ever
+   archived is read each night).
 2. Hold back the newest ``holdout_fraction`` of the day's clicks (by time) for the gate.
 3. Warm-start from the current version: its encoder extended with the new ids (old rows keep their index),
    its weights for known rows, new rows starting at the default row; or a fresh model when there is none.
@@ -47,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from streaming import archive
+from streaming import archive, archive_state
 from streaming.settings import SettingsError, load_settings
 from trainer.artifact import (
     ArtifactError,
@@ -170,9 +172,9 @@ def _day_start_ms(day: dt.date) -> int:
 
 
 def load_day(root: Path, day: dt.date) -> Dataset:
-    """The day's clicks and impressions, with every item and profile record up to the day's end."""
-    end = _day_start_ms(day) + DAY_MS
-    state = archive.read_range(root, None, end, types={"item", "user"})
+    """The day's clicks and impressions, with the newest record of every item and profile up to the day's end
+    (from the newest snapshot and the archive files it lacks)."""
+    state = archive_state.read_state(root, day)
     behaviour = archive.read_day(root, day, types={"click", "impression"})
     return Dataset.from_events(itertools.chain(state, behaviour))
 
