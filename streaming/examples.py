@@ -8,7 +8,9 @@ ranking stage, so it is not a retrieval negative (DESIGN.md, seed 000).
 
 The builder also keeps what the learner and the sampler need: per-user last-N clicked items,
 per-item click and exposure counts, the catalogue and the user profiles. All of it is staged in
-the worker's :class:`~streaming.state.StateStore` and becomes durable with the next checkpoint.
+the worker's :class:`~streaming.state.StateStore` and becomes durable with the next checkpoint; the
+catalogue and the profiles are read back through a bounded cache (:class:`~streaming.records.RecordStore`)
+rather than all held in memory.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from streaming.events import Click, Event, Impression, InvalidEvent, Item, Limits, UserProfile, decode, encode
+from streaming.events import Click, Event, Impression, Item, UserProfile
+from streaming.records import RecordStore
 from streaming.state import StateStore
 
 __all__ = ["Example", "ExampleBuilder", "ExampleSettings"]
@@ -28,14 +31,16 @@ logger = logging.getLogger(__name__)
 
 _COUNT = struct.Struct("<q")
 _JOIN = struct.Struct("<qq")  # position (-1: a click's marker), ts_ms
-# State records were validated when they arrived; re-reading them must not apply the wall-clock checks.
-_NO_LIMITS = Limits(max_bytes=1 << 30, max_future_ms=1 << 62)
 
 
 @dataclass(frozen=True)
 class ExampleSettings:
+    """``record_cache``: catalogue records, and separately user profiles, held in memory (the rest are read
+    from RocksDB when a batch needs them)."""
+
     last_n: int = 20
     join_window_ms: int = 30 * 60 * 1000
+    record_cache: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,8 +72,8 @@ class ExampleBuilder:
         self.last_n: dict[str, list[str]] = {}
         self.clicks: dict[str, int] = {}
         self.exposures: dict[str, int] = {}
-        self.catalogue: dict[str, Item] = {}
-        self.profiles: dict[str, UserProfile] = {}
+        self.catalogue: RecordStore[Item] = RecordStore(state, b"cat:", Item, settings.record_cache)
+        self.profiles: RecordStore[UserProfile] = RecordStore(state, b"prof:", UserProfile, settings.record_cache)
         self._impressions: dict[str, tuple[int, int]] = {}  # "request\titem" -> (position, ts)
         self._clicked: dict[str, tuple[int, int]] = {}
         self.changed_users: set[str] = set()  # last-N changed since the caller last cleared it
@@ -87,12 +92,10 @@ class ExampleBuilder:
         if isinstance(event, Impression):
             self._impression(event)
         elif isinstance(event, Item):
-            self.catalogue[event.item_id] = event
+            self.catalogue.put(event.item_id, event)
             self.changed_items.add(event.item_id)
-            self._state.put(b"cat:" + event.item_id.encode(), encode(event))
         elif isinstance(event, UserProfile):
-            self.profiles[event.user_id] = event
-            self._state.put(b"prof:" + event.user_id.encode(), encode(event))
+            self.profiles.put(event.user_id, event)
         return None
 
     def _impression(self, event: Impression) -> None:
@@ -162,21 +165,11 @@ class ExampleBuilder:
             entries.sort(key=lambda e: (e[1][1], e[0]))  # back into event-time order for expiry
             window.update(entries)
             windows.append(len(entries))
-        for prefix, target in ((b"cat:", self.catalogue), (b"prof:", self.profiles)):
-            for key, value in self._state.scan(prefix):
-                try:
-                    event = decode(value, _NO_LIMITS)
-                except InvalidEvent:  # written by this module; only a bug can get here
-                    logger.exception("unreadable state record %r", key)
-                    continue
-                target[key[len(prefix) :].decode()] = event  # type: ignore[assignment]
         logger.info(
-            "examples state: %d users with history, %d items counted, join window %s, catalogue %d, profiles %d",
+            "examples state: %d users with history, %d items counted, join window %s",
             len(self.last_n),
             len(self.clicks),
             windows,
-            len(self.catalogue),
-            len(self.profiles),
         )
 
     def counts(self) -> Mapping[str, int]:

@@ -48,10 +48,34 @@ class StateStore:
         self._write_options = WriteOptions()
         self._write_options.sync = sync
         self._pending: dict[bytes, bytes | None] = {}
+        self._discards = 0
 
     # ------------------------------------------------------------------ reads (durable state only)
     def get(self, key: bytes) -> bytes | None:
         return self._db.get(key)
+
+    # ------------------------------------------------------------------ reads (own writes included)
+    def lookup(self, key: bytes) -> bytes | None:
+        """The value as this process sees it: its staged change since the last checkpoint, else the durable one."""
+        if key in self._pending:
+            return self._pending[key]
+        return self._db.get(key)
+
+    def keys_with(self, prefix: bytes) -> set[bytes]:
+        """Every key starting with ``prefix`` as this process sees it (staged puts in, staged deletes out)."""
+        keys = {key for key, _ in self.scan(prefix)}
+        for key, value in self._pending.items():
+            if key.startswith(prefix):
+                if value is None:
+                    keys.discard(key)
+                else:
+                    keys.add(key)
+        return keys
+
+    @property
+    def discards(self) -> int:
+        """How many times staged changes were dropped (:meth:`discard`); caches of staged values compare it."""
+        return self._discards
 
     def scan(self, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Every durable ``(key, value)`` whose key starts with ``prefix``, in key order."""
@@ -104,6 +128,7 @@ class StateStore:
     def discard(self) -> None:
         """Drop the buffered changes (they are rebuilt by re-reading events after the last checkpoint)."""
         self._pending.clear()
+        self._discards += 1
 
     def close(self) -> None:
         self._pending.clear()

@@ -83,6 +83,7 @@ class WorkerSettings:
     model_poll_s: float = 10.0
     start_at_cutoff: bool = True
     session_timeout_ms: int = 15_000
+    record_cache: int = 100_000
 
     def member_id(self) -> str:
         """Static group membership (KIP-345): a restarted worker takes its partitions back at once instead of
@@ -132,7 +133,9 @@ class Worker:
         self.registry = registry
         self.state = StateStore(settings.state_dir, sync=settings.sync)
         meta = self.state.meta()
-        self.builder = ExampleBuilder(ExampleSettings(settings.last_n, settings.join_window_ms), self.state)
+        self.builder = ExampleBuilder(
+            ExampleSettings(settings.last_n, settings.join_window_ms, settings.record_cache), self.state
+        )
         # Clicks partitions being replayed after a model switch: apply SGD only, up to these offsets.
         self._replay_until: dict[str, int] = dict(meta.get("replay_until", {}))
         # Set while the clicks after a new model's cutoff still have to be re-read (cleared once rewound).

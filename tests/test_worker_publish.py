@@ -91,7 +91,9 @@ def test_publishes_effective_rows_and_new_items_then_only_what_changed(kafka_set
         # record and every clicked item with an online row is an item row.
         users = dict(worker.builder.last_n)
         clicked = {e.item_id for e in events if isinstance(e, Click)}
-        items = set(worker.builder.catalogue) | {i for i in clicked if i in worker.learner.items}
+        # (The worker has closed its state; its catalogue is what the stream sent, newest record per item.)
+        described = {e.item_id: e for e in sorted((e for e in events if isinstance(e, Item)), key=lambda e: e.ts_ms)}
+        items = set(described) | {i for i in clicked if i in worker.learner.items}
         assert (first.version, first.users, first.items) == (1, len(users), len(items))
         assert (first.watermark_ms, first.model_version) == (newcomer.ts_ms, "v1")
         assert WorkerCursor.parse(first.cursor).checkpoint == worker.checkpoints
@@ -115,7 +117,7 @@ def test_publishes_effective_rows_and_new_items_then_only_what_changed(kafka_set
             # A clicked item is served with its trained online row, which moved it away from the model's vector.
             known = set(encoder.item_vocab.tokens)
             hot, _ = Counter(e.item_id for e in events if isinstance(e, Click) and e.item_id in known).most_common(1)[0]
-            features = worker.builder.catalogue
+            features = described
             online = item_vectors(version, [hot], features, worker.learner.items.row(hot)[None])[0]
             np.testing.assert_allclose(view.item(hot).vector, online, rtol=0, atol=1e-6)
             with torch.no_grad():
