@@ -225,11 +225,14 @@ def _expire_ids(
     start = _parent_activity(parent) if parent is not None else IdActivity.uniform(encoder, 0)
     activity = start.extended(encoder).observed(encoder, train)
     rows: dict[str, np.ndarray] = {}
-    expired = {"user": 0, "item": 0}
+    expired = {"user": 0, "item": 0}  # rows the parent had, dropped now
+    skipped = {"user": 0, "item": 0}  # ids new to this night and already inactive (an old catalogue record)
     if ttl_days is not None:
         keep = activity.live(day_end_ms - int(ttl_days * DAY_MS))
-        expired = {tower: int((~mask).sum()) for tower, mask in keep.items()}
-        if any(expired.values()):
+        inherited = {"user": len(start.user), "item": len(start.item)}
+        expired = {tower: int((~mask[: inherited[tower]]).sum()) for tower, mask in keep.items()}
+        skipped = {tower: int((~mask[inherited[tower] :]).sum()) for tower, mask in keep.items()}
+        if any(expired.values()) or any(skipped.values()):
             encoder, rows = encoder.retain_ids(keep)
             model.take_id_rows(encoder, rows)
             activity = activity.taken(rows)
@@ -243,6 +246,7 @@ def _expire_ids(
     summary = {
         "ttl_days": ttl_days,
         "expired": expired,
+        "inactive_new": skipped,
         "rows": {"user": len(encoder.user_vocab), "item": len(encoder.item_vocab)},
     }
     param_rows = {name: rows[vocab] for name, vocab in model.id_row_tables().items() if vocab in rows}
