@@ -164,3 +164,35 @@ def test_state_dict_round_trip(tmp_path) -> None:
 
     with pytest.raises(ValueError, match=r"\(num_hashes, num_buckets, seed\) = \(2, 4096, 0\)"):
         FrequencyEstimator(num_buckets=4096, seed=1).load_state_dict(est.state_dict())
+
+
+def test_rescale_to_larger_batches_worked_by_hand_and_on_a_stream() -> None:
+    est = FrequencyEstimator(num_buckets=8, num_hashes=1)
+    est.update(["a"])  # step 1: a's bucket gets gap 1 (p = 1)
+    est.update([])
+    est.update([])
+    est.update(["b"])  # step 4: b's bucket gets gap 4 (p = 0.25)
+    est.rescale_batch(2.0)
+    # p = 0.25 in a batch twice as large: 1 - 0.75^2 = 0.4375, gap 1 / 0.4375 = 2.2857...; p = 1 stays 1.
+    assert est.probability(["b", "a"]) == pytest.approx([0.4375, 1.0])
+    assert est.probability(["never"])[0] == est.min_probability  # unseen stays unseen
+    est.rescale_batch(0.5)
+    assert est.probability(["b"])[0] == pytest.approx(0.25)  # and back
+    with pytest.raises(ValueError, match="ratio"):
+        est.rescale_batch(0.0)
+
+    # One estimator follows batches of n examples, another of 2n, from the same item distribution: the first,
+    # rescaled by 2, agrees with the second (the nightly job after going from --nproc 2 to 1).
+    rng = np.random.default_rng(3)
+    weights = 1.0 / np.arange(1, 201) ** 1.1
+    weights /= weights.sum()
+    keys = np.array([f"i{k}" for k in range(200)])
+    small, large = (FrequencyEstimator(num_buckets=1 << 14, alpha=0.01) for _ in range(2))
+    for _ in range(20_000):
+        small.update(keys[rng.choice(200, size=16, p=weights)])
+        large.update(keys[rng.choice(200, size=32, p=weights)])
+    before = np.abs(np.log(small.probability(keys[:60]) / large.probability(keys[:60])))
+    small.rescale_batch(2.0)
+    after = np.abs(np.log(small.probability(keys[:60]) / large.probability(keys[:60])))
+    assert np.median(before) > 0.5  # about log 2 for all but the hottest items
+    assert np.median(after) < 0.1 and after.max() < 0.35

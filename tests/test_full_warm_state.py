@@ -257,3 +257,13 @@ def test_damaged_optional_files_are_caught(nights: dict, tmp_path: Path) -> None
     optimizer.write_bytes(bytes(raw))
     with pytest.raises(ArtifactError, match="optimizer.pt.*tampered"):
         load_training_state(copy_dir)
+
+
+def test_batch_ratio_follows_nproc_and_batch_size() -> None:
+    from trainer.full import batch_ratio
+
+    parent = {"config": {"train": {"batch_size": 256}}, "metrics": {"nproc": 1}}
+    assert batch_ratio(parent, TrainConfig(batch_size=256), nproc=1) == 1.0
+    assert batch_ratio(parent, TrainConfig(batch_size=256), nproc=2) == 0.5  # each rank sees half the batch
+    assert batch_ratio({**parent, "metrics": {"nproc": 2}}, TrainConfig(batch_size=512), nproc=1) == 4.0
+    assert batch_ratio({"config": {"train": None}, "metrics": {}}, TrainConfig(), nproc=2) == 1.0  # unknown

@@ -26,10 +26,9 @@ every rank. The replicas apply the same averaged steps to the same starting mome
 with the same optimizer state; rank 0's is written back into the caller's optimizer. Each rank's frequency
 estimator follows its own batches (that is what its in-batch logQ needs): rank 0's comes back. A rank's
 batch is ``1 / N`` of the global batch, so its ``p_j`` is roughly ``N`` times smaller than one process's for
-all but the hottest items. When ``N`` changes between nights the carried estimate starts off by that factor
-(the in-batch columns' ``log q_j`` shift by about ``log N`` against the sampled negatives', whose ``q`` does
-not depend on the batch) and the moving average forgets it at rate ``alpha`` per sighting; set
-``carry_frequency = false`` for the first night after changing ``--nproc`` to restart it instead.
+all but the hottest items. When ``N`` (or the batch size) changes between nights, the nightly job rescales
+the carried estimate to the new per-process batch (:meth:`FrequencyEstimator.rescale_batch`,
+:func:`trainer.full.batch_ratio`).
 """
 
 from __future__ import annotations

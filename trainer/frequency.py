@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -145,6 +146,20 @@ class FrequencyEstimator:
             self._mean_gap[h, hit] = np.where(old > 0.0, (1.0 - self.alpha) * old + self.alpha * gap, gap)
             self._last_step[h, hit] = t
         self._step = t
+
+    def rescale_batch(self, ratio: float) -> None:
+        """Carry the estimate over to batches ``ratio`` times as large (another ``--nproc`` or batch size).
+
+        An item in a batch with probability ``p`` is in one ``ratio`` times as large with probability
+        ``1 - (1 - p) ** ratio`` (``ratio * p`` for rare items; hot ones saturate at 1), so every seen bucket's
+        mean gap ``1 / p`` becomes ``1 / (1 - (1 - p) ** ratio)``. Gaps are in steps, which the new batches keep
+        counting; never-seen buckets stay unseen.
+        """
+        if not (math.isfinite(ratio) and ratio > 0):
+            raise ValueError(f"ratio must be a finite number > 0, got {ratio}")
+        seen = self._mean_gap > 0.0
+        p = np.minimum(1.0, 1.0 / self._mean_gap[seen])
+        self._mean_gap[seen] = 1.0 / -np.expm1(ratio * np.log1p(-np.minimum(p, 1.0 - 1e-12)))
 
     def probability(self, item_keys: np.ndarray | Sequence[str] | Sequence[int]) -> np.ndarray:
         """float64 ``[n]``: ``1 / max_h B[h, y]`` clipped to ``[min_probability, 1]``; never-seen keys get the floor."""

@@ -79,6 +79,7 @@ __all__ = [
     "FullResult",
     "FullSettings",
     "add_parser",
+    "batch_ratio",
     "load_day",
     "pick_day",
     "run",
@@ -253,6 +254,18 @@ def _expire_ids(
     return encoder, activity, param_rows, summary
 
 
+def batch_ratio(parent_manifest: dict[str, Any], train_config: TrainConfig, nproc: int) -> float:
+    """How many times larger each process's batch is now than in the run that made the parent (1 when unknown):
+    :mod:`trainer.distributed` gives each of ``nproc`` processes ``batch_size // nproc`` examples per step."""
+    parent_train = (parent_manifest.get("config") or {}).get("train") or {}
+    parent_nproc = int((parent_manifest.get("metrics") or {}).get("nproc", 1) or 1)
+    if "batch_size" not in parent_train:
+        return 1.0
+    old = max(1, int(parent_train["batch_size"]) // parent_nproc)
+    new = max(1, train_config.batch_size // nproc)
+    return new / old
+
+
 def _carry_state(
     parent: ModelVersion | None,
     settings: FullSettings,
@@ -260,6 +273,7 @@ def _carry_state(
     optimizer: torch.optim.Optimizer,
     estimator: FrequencyEstimator,
     rows: dict[str, np.ndarray],
+    train_config: TrainConfig,
 ) -> None:
     """Restore the parent's optimizer and frequency state, as far as settings allow, into fresh ones; ``rows``:
     the tables compacted by expiry (parameter name -> old row of each new row)."""
@@ -284,6 +298,11 @@ def _carry_state(
         logger.info("parent %s holds no frequency state: the estimate starts fresh", parent.version_id)
     elif state.restore_estimator(estimator):
         logger.info("frequency estimate continues from step %d of %s", estimator.step, parent.version_id)
+        ratio = batch_ratio(parent.manifest, train_config, settings.nproc)
+        if ratio != 1.0:
+            # Another --nproc or batch size: each process's batches hold ratio times as many examples now.
+            estimator.rescale_batch(ratio)
+            logger.info("frequency estimate rescaled to batches %g times the parent's", ratio)
 
 
 def run_full(settings: FullSettings, model_config: ModelConfig, train_config: TrainConfig) -> FullResult:
@@ -321,7 +340,7 @@ def run_full(settings: FullSettings, model_config: ModelConfig, train_config: Tr
     )
     # Built after the resize and expiry: the optimizer holds the new tables, not the parent's.
     optimizer, estimator = make_optimizer(model, train_config), make_estimator(train_config)
-    _carry_state(parent, settings, model, optimizer, estimator, rows)
+    _carry_state(parent, settings, model, optimizer, estimator, rows, train_config)
 
     try:
         if settings.nproc > 1:
