@@ -13,6 +13,7 @@ or taking its length reads every key under the prefix (for tests and tools, not 
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from typing import Generic, TypeVar
@@ -21,6 +22,8 @@ from streaming.events import InvalidEvent, Item, Limits, UserProfile, decode, en
 from streaming.state import StateStore
 
 __all__ = ["RecordStore"]
+
+logger = logging.getLogger(__name__)
 
 R = TypeVar("R", Item, UserProfile)
 # State records were validated when they arrived; re-reading them must not apply the wall-clock checks.
@@ -79,6 +82,7 @@ class RecordStore(Mapping[str, R], Generic[R]):
         try:
             event = decode(raw, _NO_LIMITS)
         except InvalidEvent:  # written by this process from a validated event; only a bug gets here
+            logger.exception("unreadable %s record in the worker state; default features", self._kind.__name__)
             return None
         return event if isinstance(event, self._kind) else None
 
