@@ -22,7 +22,6 @@ in :mod:`trainer.artifact`). A parent saved without one counts every id it has a
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -32,8 +31,6 @@ from trainer.dataset import Dataset
 from trainer.features import FeatureEncoder
 
 __all__ = ["IdActivity"]
-
-logger = logging.getLogger(__name__)
 
 TOWERS = ("user", "item")
 
@@ -80,11 +77,10 @@ class IdActivity:
             out[tower] = np.concatenate([old, np.zeros(len(vocab) - len(old), dtype=np.int64)]).astype(np.int64)
         return IdActivity(**out)
 
-    def observed(self, encoder: FeatureEncoder, dataset: Dataset, impressions_ms: int | None = None) -> IdActivity:
+    def observed(self, encoder: FeatureEncoder, dataset: Dataset) -> IdActivity:
         """The activity after ``dataset`` (numbered with ``encoder``, which must hold its ids): clicks move
         users and items to their click time, catalogue records move items to ``max(created_ms, ts_ms)``, and an
-        impression (counted per item, without a time) moves the item to ``impressions_ms`` (default: the
-        newest click)."""
+        impression (counted per item, without a time) moves the item to the newest click."""
         if not self.fits(encoder):
             raise ValueError("activity does not fit the encoder's vocabularies; extend it first")
         user, item = self.user.copy(), self.item.copy()
@@ -97,10 +93,8 @@ class IdActivity:
         if records:
             when = np.fromiter((max(r.created_ms, r.ts_ms) for r in records), dtype=np.int64, count=len(records))
             np.maximum.at(item, encoder.item_vocab.lookup(r.item_id for r in records), when)
-        if dataset.exposures:
-            at = impressions_ms if impressions_ms is not None else (int(clicks.ts_ms.max()) if len(clicks) else None)
-            if at is not None:
-                np.maximum.at(item, encoder.item_vocab.lookup(list(dataset.exposures)), int(at))
+        if dataset.exposures and len(clicks):
+            np.maximum.at(item, encoder.item_vocab.lookup(list(dataset.exposures)), int(clicks.ts_ms.max()))
         user[0] = item[0] = 0  # unknown ids are not an id
         return IdActivity(user, item)
 

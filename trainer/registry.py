@@ -30,7 +30,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,30 +313,29 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    registry = _open(args.models)
-    if registry is None:
-        return 2
-    old = registry.current()
-    try:
-        new = registry.rollback(reason=args.reason)
-    except RegistryError as exc:
-        logger.error("%s", exc)
-        return 2
-    print(f"rolled back: {old} -> {new}")
-    return 0
+    return _switch_by_hand(args, lambda registry: registry.rollback(reason=args.reason), "rolled back")
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    def promote(registry: Registry) -> str:
+        registry.promote(args.version, reason=args.reason)
+        return args.version
+
+    return _switch_by_hand(args, promote, "promoted")
+
+
+def _switch_by_hand(args: argparse.Namespace, switch: Callable[[Registry], str], done: str) -> int:
+    """Run ``switch`` on the registry at ``--models``; print ``old -> new``, or exit 2 with the reason."""
     registry = _open(args.models)
     if registry is None:
         return 2
     old = registry.current()
     try:
-        registry.promote(args.version, reason=args.reason)
-    except (RegistryError, ValueError) as exc:  # unknown version, or files that fail their manifest
+        new = switch(registry)
+    except (RegistryError, ValueError) as exc:  # nothing to roll back to, unknown version, damaged files
         logger.error("%s", exc)
         return 2
-    print(f"promoted: {old} -> {args.version}")
+    print(f"{done}: {old} -> {new}")
     return 0
 
 
