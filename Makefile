@@ -30,11 +30,13 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Prometheus server and promtool (Debian package) for the alert-rule and real-server tests.
+# Prometheus server, promtool and the Pushgateway (Debian packages) for the alert-rule and real-server tests.
 prometheus-tools:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
-	  echo "installing Debian's prometheus package (prometheus, promtool)"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null \
+	  && { command -v prometheus-pushgateway || command -v pushgateway; } >/dev/null || { \
+	  echo "installing Debian's prometheus and prometheus-pushgateway packages"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) apt-get install -y -qq --no-install-recommends prometheus prometheus-pushgateway; }
 
 test: setup lint prometheus-tools
 	$(BIN)/pytest

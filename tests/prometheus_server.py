@@ -1,4 +1,5 @@
-"""A real Prometheus server for tests: started on a free loopback port, queried over its HTTP API.
+"""A real Prometheus server for tests: started on a free loopback port, queried over its HTTP API; and a real
+Pushgateway (:class:`Pushgateway`, Debian's ``prometheus-pushgateway``) for the nightly job's pushes.
 
 It scrapes the given targets every second and evaluates the repository's ``alerts.yml`` every
 second, so a test sees a scrape or an alert transition within a second or two. Its TSDB lives in a
@@ -24,10 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from prometheus_client.parser import text_string_to_metric_families
+
 __all__ = [
     "ALERTS",
     "Alert",
     "PrometheusServer",
+    "Pushgateway",
     "Sample",
     "find_binary",
     "free_port",
@@ -38,17 +42,20 @@ logger = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
-INSTALL_HINT = "install Debian's package: apt-get install -y --no-install-recommends prometheus"
+INSTALL_HINT = "install Debian's packages: apt-get install -y --no-install-recommends prometheus prometheus-pushgateway"
 
 T = TypeVar("T")
+S = TypeVar("S", bound="_ServerProcess")
 
 
-def find_binary(name: str) -> str:
-    """The path of ``prometheus`` or ``promtool``; raises with the install command when it is missing."""
-    path = shutil.which(name)
-    if path is None:
-        raise FileNotFoundError(f"'{name}' is not on PATH; the Prometheus tests need it: {INSTALL_HINT}")
-    return path
+def find_binary(name: str, *aliases: str) -> str:
+    """The path of ``prometheus``, ``promtool`` or the Pushgateway (``name`` or one of ``aliases``); raises with
+    the install command when it is missing."""
+    for candidate in (name, *aliases):
+        path = shutil.which(candidate)
+        if path is not None:
+            return path
+    raise FileNotFoundError(f"'{name}' is not on PATH; the Prometheus tests need it: {INSTALL_HINT}")
 
 
 def free_port() -> int:
@@ -93,26 +100,12 @@ class Alert:
     value: float
 
 
-class PrometheusServer:
-    """A Prometheus process scraping ``targets`` (``{job_name: ["host:port", ...]}``) every second.
+class _ServerProcess:
+    """A Prometheus-project server on a free loopback port, in a temporary directory; a context manager."""
 
-    Use as a context manager, or call :meth:`start` and :meth:`stop`. ``rule_files`` defaults to the
-    repository's alerts.yml, evaluated every ``evaluation_interval_s``.
-    """
+    NAME = ""
 
-    def __init__(
-        self,
-        targets: Mapping[str, Sequence[str]],
-        *,
-        rule_files: Sequence[Path] = (ALERTS,),
-        scrape_interval_s: int = 1,
-        evaluation_interval_s: int = 1,
-        port: int | None = None,
-    ) -> None:
-        self.targets = {job: list(hosts) for job, hosts in targets.items()}
-        self.rule_files = [Path(p).resolve() for p in rule_files]
-        self.scrape_interval_s = scrape_interval_s
-        self.evaluation_interval_s = evaluation_interval_s
+    def __init__(self, port: int | None) -> None:
         self.port = port or free_port()
         self._workdir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
@@ -121,50 +114,32 @@ class PrometheusServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def config(self) -> dict[str, Any]:
-        """The configuration file's content. JSON is valid YAML, so it is written with :mod:`json`."""
-        interval = f"{self.scrape_interval_s}s"
-        return {
-            "global": {
-                "scrape_interval": interval,
-                "scrape_timeout": interval,
-                "evaluation_interval": f"{self.evaluation_interval_s}s",
-            },
-            "rule_files": [str(p) for p in self.rule_files],
-            "scrape_configs": [
-                {"job_name": job, "static_configs": [{"targets": hosts}]} for job, hosts in self.targets.items()
-            ],
-        }
+    @property
+    def address(self) -> str:
+        """``host:port``, as a scrape target or a ``--pushgateway`` value."""
+        return f"127.0.0.1:{self.port}"
+
+    def argv(self, workdir: Path) -> list[str]:
+        """The command line, given the run's directory."""
+        raise NotImplementedError
 
     def start(self, timeout_s: float = 30.0) -> None:
         """Start the server and wait until ``/-/ready`` answers 200."""
-        binary = find_binary("prometheus")
-        self._workdir = Path(tempfile.mkdtemp(prefix="freshtower-prometheus-"))
-        config = self._workdir / "prometheus.yml"
-        config.write_text(json.dumps(self.config(), indent=2))
-        log = (self._workdir / "prometheus.log").open("wb")
-        self._process = subprocess.Popen(
-            [
-                binary,
-                f"--config.file={config}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                f"--storage.tsdb.path={self._workdir / 'tsdb'}",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"freshtower-{self.NAME.lower()}-"))
+        argv = self.argv(self._workdir)
+        log = (self._workdir / "server.log").open("wb")
+        self._process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         try:
-            poll(self._ready, timeout_s, f"Prometheus at {self.url} to be ready")
+            poll(self._ready, timeout_s, f"{self.NAME} at {self.url} to be ready")
         except BaseException:
             self.stop()
             raise
-        logger.info("Prometheus %s ready at %s", self.version(), self.url)
+        logger.info("%s ready at %s", self.NAME, self.url)
 
     def _ready(self) -> bool:
         if self._process is not None and self._process.poll() is not None:
-            raise RuntimeError(f"Prometheus exited with {self._process.returncode}:\n{self.log_tail()}")
+            raise RuntimeError(f"{self.NAME} exited with {self._process.returncode}:\n{self.log_tail()}")
         try:
             with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
                 return response.status == 200
@@ -185,7 +160,7 @@ class PrometheusServer:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
 
-    def __enter__(self) -> PrometheusServer:
+    def __enter__(self: S) -> S:
         self.start()
         return self
 
@@ -196,8 +171,91 @@ class PrometheusServer:
         """The end of the server's own log, for error messages."""
         if self._workdir is None:
             return ""
-        path = self._workdir / "prometheus.log"
+        path = self._workdir / "server.log"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+class Pushgateway(_ServerProcess):
+    """A Pushgateway process (no persistence file: it forgets everything when stopped)."""
+
+    NAME = "Pushgateway"
+
+    def __init__(self, port: int | None = None) -> None:
+        super().__init__(port)
+
+    def argv(self, workdir: Path) -> list[str]:
+        binary = find_binary("pushgateway", "prometheus-pushgateway")
+        return [binary, f"--web.listen-address={self.address}", "--log.level=warn"]
+
+    def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+        """Every sample the gateway exposes: ``{(name, frozenset(labels)): value}``."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """The value of one pushed sample of job freshtower-full (the gateway adds ``instance=""``), or None."""
+        key = frozenset({"job": "freshtower-full", "instance": "", **labels}.items())
+        return self.metrics().get((name, key))
+
+
+class PrometheusServer(_ServerProcess):
+    """A Prometheus process scraping ``targets`` (``{job_name: ["host:port", ...]}``) every second.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`. ``rule_files`` defaults to the
+    repository's alerts.yml, evaluated every ``evaluation_interval_s``. The jobs in ``honor_labels`` keep the
+    job and instance labels of the scraped series (a Pushgateway's).
+    """
+
+    NAME = "Prometheus"
+
+    def __init__(
+        self,
+        targets: Mapping[str, Sequence[str]],
+        *,
+        rule_files: Sequence[Path] = (ALERTS,),
+        scrape_interval_s: int = 1,
+        evaluation_interval_s: int = 1,
+        port: int | None = None,
+        honor_labels: Sequence[str] = (),
+    ) -> None:
+        super().__init__(port)
+        self.targets = {job: list(hosts) for job, hosts in targets.items()}
+        self.honor_labels = set(honor_labels)
+        self.rule_files = [Path(p).resolve() for p in rule_files]
+        self.scrape_interval_s = scrape_interval_s
+        self.evaluation_interval_s = evaluation_interval_s
+
+    def config(self) -> dict[str, Any]:
+        """The configuration file's content. JSON is valid YAML, so it is written with :mod:`json`."""
+        interval = f"{self.scrape_interval_s}s"
+        return {
+            "global": {
+                "scrape_interval": interval,
+                "scrape_timeout": interval,
+                "evaluation_interval": f"{self.evaluation_interval_s}s",
+            },
+            "rule_files": [str(p) for p in self.rule_files],
+            "scrape_configs": [
+                {"job_name": job, "honor_labels": job in self.honor_labels, "static_configs": [{"targets": hosts}]}
+                for job, hosts in self.targets.items()
+            ],
+        }
+
+    def argv(self, workdir: Path) -> list[str]:
+        config = workdir / "prometheus.yml"
+        config.write_text(json.dumps(self.config(), indent=2))
+        return [
+            find_binary("prometheus"),
+            f"--config.file={config}",
+            f"--web.listen-address={self.address}",
+            f"--storage.tsdb.path={workdir / 'tsdb'}",
+            "--log.level=warn",
+        ]
 
     def _get(self, path: str, **params: str) -> Any:
         query = f"?{urllib.parse.urlencode(params)}" if params else ""

@@ -17,6 +17,8 @@ from typing import Any
 
 from prometheus_server import find_binary
 
+from trainer.monitor import JOB, end_registry, start_registry
+
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "freshtower.json"
@@ -42,8 +44,29 @@ SCALARS = {
     "freshtower_publish_failures_total",
     "freshtower_requests_total",
 }
+# What the nightly job pushes (trainer.monitor): every metric of a start and of a fully detailed end.
+NIGHTLY = {
+    metric.name
+    for registry in (
+        start_registry(0.0),
+        end_registry(
+            "promoted",
+            started_s=0.0,
+            now_s=1.0,
+            examples=1,
+            mean_loss=1.0,
+            data_cutoff_ms=0,
+            recall_k=1,
+            candidate={},
+            current={},
+            id_rows={},
+            expired={},
+        ),
+    )
+    for metric in registry.collect()
+}
 HISTOGRAMS = {"freshtower_sgd_step_seconds", "freshtower_publish_duration_seconds", "freshtower_request_seconds"}
-KNOWN_SERIES = SCALARS | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_count", "_sum")}
+KNOWN_SERIES = SCALARS | NIGHTLY | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_count", "_sum")}
 METRIC_NAME = re.compile(r"\bfreshtower_[a-z0-9_]+")
 # Grafana's built-in interval variables, given a sample value so the expression parses as PromQL.
 GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "1m", "$__range": "1h"}
@@ -82,7 +105,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     defined = set(re.findall(r"^\s*- alert: (\w+)$", rules, re.MULTILINE))
     quiet = set(re.findall(r"alertname: (\w+)\n\s*exp_alerts: \[\]", tests))
     firing = set(re.findall(r"alertname: (\w+)\n\s*exp_alerts:\n\s*- exp_labels:", tests))
-    assert len(defined) == 11, sorted(defined)
+    assert len(defined) == 14, sorted(defined)
     assert defined - quiet == set(), "alerts without a case where they stay quiet"
     assert defined - firing == set(), "alerts without a case where they fire"
     assert (quiet | firing) - defined == set(), "tests of alerts that do not exist"
@@ -93,8 +116,11 @@ def test_rules_and_config_agree_on_job_names() -> None:
     config = (PROMETHEUS_DIR / "prometheus.yml").read_text()
     jobs = set(re.findall(r"job_name: (\S+)", config))
     named = set(re.findall(r'job="([^"]+)"', rules))
-    assert named == {"freshtower-worker", "freshtower-publisher"}
-    assert named <= jobs, f"alerts.yml names jobs {sorted(named - jobs)} that prometheus.yml does not scrape"
+    assert named == {"freshtower-worker", "freshtower-publisher", JOB}
+    # The nightly job's label comes from its pushes, kept by a scrape job that honours labels.
+    scraped = named - {JOB}
+    assert scraped <= jobs, f"alerts.yml names jobs {sorted(scraped - jobs)} that prometheus.yml does not scrape"
+    assert re.search(r"job_name: freshtower-pushgateway\n    honor_labels: true\n", config)
     assert re.search(r"^rule_files:\n  - alerts.yml$", config, re.MULTILINE)
 
 
@@ -111,6 +137,9 @@ def test_alert_rules_reference_only_exported_metrics() -> None:
         "freshtower_event_watermark_timestamp_seconds",
         "freshtower_checkpoint_timestamp_seconds",
         "freshtower_model_data_cutoff_timestamp_seconds",
+        "freshtower_full_outcome",
+        "freshtower_full_running",
+        "freshtower_full_last_start_timestamp_seconds",
     } <= names
 
 
@@ -145,7 +174,7 @@ def check_expressions(exprs: list[str], tmp_path: Path) -> subprocess.CompletedP
 
 def test_dashboard_queries_parse(tmp_path: Path) -> None:
     queries = dashboard_queries()
-    assert len(queries) == 25
+    assert len(queries) == 29
     leftover = {k: q for k, q in queries.items() if "$" in q}
     assert leftover == {}, "dashboard variables the check does not know"
     result = check_expressions(list(queries.values()), tmp_path)
@@ -174,6 +203,8 @@ def test_dashboard_references_only_exported_metrics() -> None:
         "histogram_quantile(0.99, sum by (le) (rate(freshtower_sgd_step_seconds_bucket[1m])))",
         "histogram_quantile(0.99, sum by (le) (rate(freshtower_request_seconds_bucket[1m])))",
         "time() - freshtower_model_data_cutoff_timestamp_seconds",
+        "time() - freshtower_full_last_success_timestamp_seconds",
+        "freshtower_full_holdout_recall",
     ):
         assert needed in exprs, needed
 

@@ -47,3 +47,13 @@ def test_metrics_ports_match_the_compose_prometheus_targets(service):
     command = freshtower_services()[service]
     port = command[command.index("--metrics-port") + 1]
     assert f"{service}:{port}" in targets
+
+
+def test_trainer_pushes_to_the_gateway_prometheus_scrapes() -> None:
+    prometheus = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.compose.yml").read_text())
+    (job,) = [j for j in prometheus["scrape_configs"] if j["job_name"] == "freshtower-pushgateway"]
+    assert job["honor_labels"] is True  # the alerts match the pushes' job="freshtower-full"
+    command = freshtower_services()["trainer"]
+    gateway = command[command.index("--pushgateway") + 1]
+    assert job["static_configs"][0]["targets"] == [gateway]
+    assert gateway.split(":")[0] in COMPOSE["services"]

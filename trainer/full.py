@@ -22,10 +22,11 @@
    click trained on, from which the online learner replays), run the gate (:mod:`trainer.gate`) and promote
    it, or keep the current version and say why.
 
-Exit codes: 0 the candidate passed the gate (and was promoted unless ``--no-promote``); 2 bad arguments or
-settings; 3 the gate refused the candidate (it is kept as a non-current version for inspection) or training
-diverged (a NaN loss; no version is written); 4 no data
-(no archived day, or a day with fewer than 2 clicks).
+Exit codes: 0 the candidate passed the gate (and was promoted unless ``--no-promote``); 1 an unexpected error
+(with its traceback); 2 bad arguments or settings; 3 the gate refused the candidate (it is kept as a
+non-current version for inspection) or training diverged (a NaN loss; no version is written); 4 no data
+(no archived day, or a day with fewer than 2 clicks). With ``--pushgateway`` the run reports its start and
+outcome to Prometheus (:mod:`trainer.monitor`; the ``freshtower-nightly`` alerts).
 
 Settings (:class:`FullSettings`) come from defaults, the ``[full]`` table of the TOML file (``--config`` or
 ``FRESHTOWER_CONFIG``), ``FRESHTOWER_<FIELD>`` environment variables and the flags, in that order. The TOML
@@ -67,6 +68,7 @@ from trainer.features import FeatureEncoder
 from trainer.frequency import FrequencyEstimator
 from trainer.gate import GateConfig, GateDecision, decide, holdout_split
 from trainer.model import ModelConfig, TwoTowerModel
+from trainer.monitor import NightlyMonitor
 from trainer.registry import Registry
 from trainer.train import TrainConfig, TrainStats, make_estimator, make_optimizer, train_epoch
 from trainer.warm_state import TrainingState
@@ -104,7 +106,8 @@ class FullSettings:
     current one, its parent and the rollback target. ``carry_optimizer`` / ``carry_frequency``: warm-start
     the Adam moments / the logQ frequency estimate from the current version (the module docstring, step 3).
     ``id_ttl_days``: expire the rows of ids inactive for that many days (at least 1: an id trained on the day is
-    never dropped); None keeps every id forever.
+    never dropped); None keeps every id forever. ``pushgateway``: ``host:port`` of a Prometheus Pushgateway that
+    the run reports its start and outcome to (:mod:`trainer.monitor`); None reports nothing.
     """
 
     archive_dir: Path = Path("data/archive")
@@ -120,6 +123,7 @@ class FullSettings:
     carry_optimizer: bool = True
     carry_frequency: bool = True
     id_ttl_days: float | None = None
+    pushgateway: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -146,15 +150,36 @@ class FullSettings:
 
 @dataclass(frozen=True)
 class FullResult:
-    """What a run did: the version written (None when there was no data), the gate's decision, the exit code."""
+    """What a run did: the version written (None when there was no data), the gate's decision, the exit code and
+    the outcome reported to Prometheus (:data:`trainer.monitor.OUTCOMES`)."""
 
     exit_code: int
+    outcome: str  # one of trainer.monitor.OUTCOMES
     version_id: str | None = None
     parent: str | None = None
     promoted: bool = False
     decision: GateDecision | None = None
     stats: TrainStats | None = None
+    data_cutoff_ms: int | None = None
+    ids: dict[str, Any] | None = None  # the expiry summary (manifest metrics "ids")
     message: str = ""
+
+    def report(self, recall_k: int) -> dict[str, Any]:
+        """What :meth:`trainer.monitor.NightlyMonitor.end` pushes besides the outcome."""
+        details: dict[str, Any] = {}
+        if self.stats is not None:
+            details |= {"examples": self.stats.examples, "mean_loss": self.stats.mean_loss}
+        if self.data_cutoff_ms is not None:
+            details["data_cutoff_ms"] = self.data_cutoff_ms
+        if self.decision is not None:
+            details |= {
+                "recall_k": recall_k,
+                "candidate": self.decision.candidate_metrics,
+                "current": self.decision.current_metrics,
+            }
+        if self.ids is not None:
+            details |= {"id_rows": self.ids["rows"], "expired": self.ids["expired"]}
+        return details
 
 
 def pick_day(root: Path, requested: str | None, today: dt.date | None = None) -> dt.date | None:
@@ -311,7 +336,7 @@ def run_full(settings: FullSettings, model_config: ModelConfig, train_config: Tr
     if day is None:
         msg = f"no archived day {settings.day or 'before today'} under {settings.archive_dir}"
         logger.error(msg)
-        return FullResult(EXIT_NO_DATA, message=msg)
+        return FullResult(EXIT_NO_DATA, "no_data", message=msg)
     dataset = load_day(settings.archive_dir, day)
     logger.info(
         "day %s: %d clicks, %d items, %d users", day, len(dataset.clicks), len(dataset.items), len(dataset.users)
@@ -319,7 +344,7 @@ def run_full(settings: FullSettings, model_config: ModelConfig, train_config: Tr
     if len(dataset.clicks) < 2:
         msg = f"day {day} has {len(dataset.clicks)} clicks; expected at least 2"
         logger.error(msg)
-        return FullResult(EXIT_NO_DATA, message=msg)
+        return FullResult(EXIT_NO_DATA, "no_data", message=msg)
     try:
         split = holdout_split(dataset, settings.holdout_fraction)
         train = split.train
@@ -370,9 +395,10 @@ def run_full(settings: FullSettings, model_config: ModelConfig, train_config: Tr
         # A NaN/inf loss: nothing finite to gate, so no version is written.
         msg = f"training diverged ({exc}); {current_id} stays current"
         logger.error(msg)
-        return FullResult(EXIT_REFUSED, parent=current_id, message=msg)
+        return FullResult(EXIT_REFUSED, "diverged", parent=current_id, message=msg)
 
     version_id = new_version_id()
+    data_cutoff_ms = int(train.clicks.ts_ms.max())
     candidate = make_version(
         model,
         encoder,
@@ -380,7 +406,7 @@ def run_full(settings: FullSettings, model_config: ModelConfig, train_config: Tr
         version_id=version_id,
         parent=current_id,
         data_range=(_day_start_ms(day), _day_start_ms(day) + DAY_MS),
-        data_cutoff_ms=int(train.clicks.ts_ms.max()),
+        data_cutoff_ms=data_cutoff_ms,
         train_config=train_config,
         metrics={"train": dataclasses.asdict(stats), "day": day.isoformat(), "nproc": settings.nproc, "ids": ids},
     )
@@ -395,20 +421,27 @@ def run_full(settings: FullSettings, model_config: ModelConfig, train_config: Tr
         )
     for reason in decision.reasons:
         logger.info("gate: %s", reason)
-    result: dict[str, Any] = {"version_id": version_id, "parent": current_id, "decision": decision, "stats": stats}
+    result: dict[str, Any] = {
+        "version_id": version_id,
+        "parent": current_id,
+        "decision": decision,
+        "stats": stats,
+        "data_cutoff_ms": data_cutoff_ms,
+        "ids": ids,
+    }
     if not decision.accepted:
         msg = f"gate refused {version_id}; {current_id} stays current: " + "; ".join(decision.reasons)
         logger.warning(msg)
-        return FullResult(EXIT_REFUSED, message=msg, **result)
+        return FullResult(EXIT_REFUSED, "refused", message=msg, **result)
     if not settings.promote:
         msg = f"{version_id} passed the gate; not promoted (--no-promote)"
         logger.info(msg)
-        return FullResult(EXIT_PROMOTED, message=msg, **result)
+        return FullResult(EXIT_PROMOTED, "passed", message=msg, **result)
     registry.promote(version_id, reason="; ".join(decision.reasons))
     registry.prune()
     msg = f"promoted {version_id} (parent {current_id})"
     logger.info(msg)
-    return FullResult(EXIT_PROMOTED, promoted=True, message=msg, **result)
+    return FullResult(EXIT_PROMOTED, "promoted", promoted=True, message=msg, **result)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -427,6 +460,7 @@ def run(args: argparse.Namespace) -> int:
         "carry_optimizer": False if args.fresh_optimizer else None,
         "carry_frequency": False if args.fresh_frequency else None,
         "id_ttl_days": args.id_ttl_days,
+        "pushgateway": args.pushgateway,
         "promote": False if args.no_promote else None,
         "progress": False if args.no_progress else None,
     }
@@ -439,7 +473,18 @@ def run(args: argparse.Namespace) -> int:
     except (SettingsError, ValueError, TypeError, OSError) as exc:
         logger.error("bad settings: %s", exc)
         return EXIT_USAGE
-    result = run_full(settings, model_config, train_config)
+    monitor = NightlyMonitor(settings.pushgateway) if settings.pushgateway else None
+    if monitor is not None:
+        monitor.start()
+    try:
+        result = run_full(settings, model_config, train_config)
+    except BaseException:
+        # Reported, then raised as it was: the traceback says what went wrong (exit code 1).
+        if monitor is not None:
+            monitor.end("error")
+        raise
+    if monitor is not None:
+        monitor.end(result.outcome, **result.report(settings.recall_k))
     print(result.message)
     return result.exit_code
 
@@ -472,6 +517,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--id-ttl-days",
         type=float,
         help="drop the rows of ids inactive for this many days (>= 1; default: keep every id)",
+    )
+    p.add_argument(
+        "--pushgateway",
+        metavar="HOST:PORT",
+        help="Prometheus Pushgateway to report the run's start and outcome to (default: none)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
