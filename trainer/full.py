@@ -4,7 +4,9 @@
    yesterday when the archive is current), with the catalogue and user profiles as of that day's end (the
    newest item and profile record of every id up to then: the catalogue topics are compacted, so old items
    are not re-sent daily; :mod:`streaming.archive_state` keeps a snapshot so that not every record ever
-   archived is read each night).
+   archived is read each night). ``--source kafka`` reads the day from the Kafka topics by timestamp
+   instead (:mod:`streaming.kafka_day`; default day: yesterday, UTC), for deployments whose topic retention
+   covers the day and that run no archive sink.
 2. Hold back the newest ``holdout_fraction`` of the day's clicks (by time) for the gate.
 3. Warm-start from the current version: its encoder extended with the new ids (old rows keep their index),
    its weights for known rows, new rows starting at the default row; or a fresh model when there is none.
@@ -50,8 +52,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from streaming import archive, archive_state
-from streaming.settings import SettingsError, load_settings
+from streaming import archive, archive_state, kafka_day
+from streaming.settings import KafkaSettings, SettingsError, load_settings
 from trainer.artifact import (
     ArtifactError,
     ModelVersion,
@@ -95,6 +97,7 @@ EXIT_USAGE = 2
 EXIT_REFUSED = 3
 EXIT_NO_DATA = 4
 DAY_MS = 86_400_000
+SOURCES = ("archive", "kafka")
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,9 @@ class FullSettings:
     current one, its parent and the rollback target. ``carry_optimizer`` / ``carry_frequency``: warm-start
     the Adam moments / the logQ frequency estimate from the current version (the module docstring, step 3).
     ``id_ttl_days``: expire the rows of ids inactive for that many days (at least 1: an id trained on the day is
-    never dropped); None keeps every id forever. ``pushgateway``: ``host:port`` of a Prometheus Pushgateway that
+    never dropped); None keeps every id forever. ``source``: ``archive`` (``archive_dir``) or ``kafka`` (the
+    topics of the ``[kafka]`` settings, by timestamp; ``kafka_lateness_s``: how long after midnight, in
+    event time, a record of the day may still arrive; see :mod:`streaming.kafka_day`). ``pushgateway``: ``host:port`` of a Prometheus Pushgateway that
     the run reports its start and outcome to (:mod:`trainer.monitor`); None reports nothing.
     """
 
@@ -123,6 +128,8 @@ class FullSettings:
     carry_optimizer: bool = True
     carry_frequency: bool = True
     id_ttl_days: float | None = None
+    source: str = "archive"
+    kafka_lateness_s: float = 3600.0
     pushgateway: str | None = None
     progress: bool = True
 
@@ -131,6 +138,10 @@ class FullSettings:
             raise SettingsError(f"nproc must be >= 1, got {self.nproc}")
         if not 0.0 < self.holdout_fraction < 1.0:
             raise SettingsError(f"holdout_fraction must lie in (0, 1), got {self.holdout_fraction}")
+        if self.source not in SOURCES:
+            raise SettingsError(f"source must be one of {SOURCES}, got {self.source!r}")
+        if not self.kafka_lateness_s >= 0.0:
+            raise SettingsError(f"kafka_lateness_s must be >= 0, got {self.kafka_lateness_s}")
         if self.id_ttl_days is not None and not self.id_ttl_days >= 1.0:
             raise SettingsError(f"id_ttl_days must be >= 1 (days) or unset, got {self.id_ttl_days}")
         if self.day is not None:
@@ -195,6 +206,19 @@ def pick_day(root: Path, requested: str | None, today: dt.date | None = None) ->
 
 def _day_start_ms(day: dt.date) -> int:
     return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+def _yesterday(requested: str | None) -> dt.date:
+    """The day to read from Kafka: ``requested``, else yesterday (UTC)."""
+    if requested is not None:
+        return dt.date.fromisoformat(requested)
+    return dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
+
+
+def load_kafka_day(kafka: KafkaSettings, day: dt.date, lateness_s: float) -> Dataset:
+    """The day's clicks and impressions, with the items and profiles as of its end, from the Kafka topics."""
+    read = kafka_day.read_day(kafka, day, lateness_ms=int(lateness_s * 1000))
+    return Dataset.from_events(read.events)
 
 
 def load_day(root: Path, day: dt.date) -> Dataset:
@@ -330,14 +354,25 @@ def _carry_state(
             logger.info("frequency estimate rescaled to batches %g times the parent's", ratio)
 
 
-def run_full(settings: FullSettings, model_config: ModelConfig, train_config: TrainConfig) -> FullResult:
-    """One nightly run (see the module docstring); returns what happened, never raises for a refusal."""
-    day = pick_day(settings.archive_dir, settings.day)
-    if day is None:
-        msg = f"no archived day {settings.day or 'before today'} under {settings.archive_dir}"
-        logger.error(msg)
-        return FullResult(EXIT_NO_DATA, "no_data", message=msg)
-    dataset = load_day(settings.archive_dir, day)
+def run_full(
+    settings: FullSettings,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    kafka: KafkaSettings | None = None,
+) -> FullResult:
+    """One nightly run (see the module docstring); returns what happened, never raises for a refusal.
+    ``kafka``: where the topics are, for ``source = "kafka"`` (default settings when None)."""
+    if settings.source == "kafka":
+        day = _yesterday(settings.day)
+        dataset = load_kafka_day(kafka or KafkaSettings(), day, settings.kafka_lateness_s)
+    else:
+        archived = pick_day(settings.archive_dir, settings.day)
+        if archived is None:
+            msg = f"no archived day {settings.day or 'before today'} under {settings.archive_dir}"
+            logger.error(msg)
+            return FullResult(EXIT_NO_DATA, "no_data", message=msg)
+        day = archived
+        dataset = load_day(settings.archive_dir, day)
     logger.info(
         "day %s: %d clicks, %d items, %d users", day, len(dataset.clicks), len(dataset.items), len(dataset.users)
     )
@@ -408,7 +443,13 @@ def run_full(settings: FullSettings, model_config: ModelConfig, train_config: Tr
         data_range=(_day_start_ms(day), _day_start_ms(day) + DAY_MS),
         data_cutoff_ms=data_cutoff_ms,
         train_config=train_config,
-        metrics={"train": dataclasses.asdict(stats), "day": day.isoformat(), "nproc": settings.nproc, "ids": ids},
+        metrics={
+            "train": dataclasses.asdict(stats),
+            "day": day.isoformat(),
+            "source": settings.source,
+            "nproc": settings.nproc,
+            "ids": ids,
+        },
     )
     decision = decide(candidate, parent, split, settings.gate)
     with registry.new_version(version_id) as directory:
@@ -460,6 +501,8 @@ def run(args: argparse.Namespace) -> int:
         "carry_optimizer": False if args.fresh_optimizer else None,
         "carry_frequency": False if args.fresh_frequency else None,
         "id_ttl_days": args.id_ttl_days,
+        "source": args.source,
+        "kafka_lateness_s": args.kafka_lateness,
         "pushgateway": args.pushgateway,
         "promote": False if args.no_promote else None,
         "progress": False if args.no_progress else None,
@@ -470,6 +513,12 @@ def run(args: argparse.Namespace) -> int:
         # to claim FRESHTOWER_* variables.
         model_config = load_settings(ModelConfig, section="model", config=config, environ={})
         train_config = load_settings(TrainConfig, section="train", config=config, environ={})
+        kafka = load_settings(
+            KafkaSettings,
+            section="kafka",
+            config=config,
+            overrides={"bootstrap_servers": args.bootstrap, "topic_prefix": args.topic_prefix},
+        )
     except (SettingsError, ValueError, TypeError, OSError) as exc:
         logger.error("bad settings: %s", exc)
         return EXIT_USAGE
@@ -477,7 +526,7 @@ def run(args: argparse.Namespace) -> int:
     if monitor is not None:
         monitor.start()
     try:
-        result = run_full(settings, model_config, train_config)
+        result = run_full(settings, model_config, train_config, kafka)
     except BaseException:
         # Reported, then raised as it was: the traceback says what went wrong (exit code 1).
         if monitor is not None:
@@ -498,9 +547,25 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=doc.split("\n\n")[0] + "\n\n" + doc.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument(
+        "--source",
+        choices=SOURCES,
+        help="read the day from the event archive (default) or from the Kafka topics by timestamp",
+    )
     p.add_argument("--archive", type=Path, help="event archive root (default data/archive)")
+    p.add_argument("--bootstrap", help="Kafka bootstrap servers, for --source kafka (FRESHTOWER_BOOTSTRAP_SERVERS)")
+    p.add_argument("--topic-prefix", help="prefix of every topic name, for --source kafka (default 'freshtower.')")
+    p.add_argument(
+        "--kafka-lateness",
+        type=float,
+        metavar="SECONDS",
+        help="--source kafka: how long past midnight (event time) a record of the day may arrive (3600)",
+    )
     p.add_argument("--models", type=Path, help="model registry root (default artifacts/models)")
-    p.add_argument("--day", help="UTC day to train on, YYYY-MM-DD (default: the newest archived day before today)")
+    p.add_argument(
+        "--day",
+        help="UTC day to train on, YYYY-MM-DD (default: the newest archived day before today; from Kafka: yesterday)",
+    )
     p.add_argument("--nproc", type=int, help="data-parallel worker processes (gloo, CPU; default 1)")
     p.add_argument("--config", help="TOML file with [full], [model] and [train] tables")
     p.add_argument(

@@ -1,0 +1,178 @@
+"""One day of events read back from Kafka by timestamp: what ``trainer full --source kafka`` trains on.
+
+The event archive (:mod:`streaming.archive`) is the nightly job's usual source. Where the topics' retention
+covers the day, the job can read it from Kafka instead, with no archive sink running:
+
+- **clicks and impressions**: in each partition, from the first record timed at or after the day's start
+  (Kafka's ListOffsets by timestamp; the record time is the event time) to the first record timed at or
+  after the day's end plus ``lateness_ms``, or to the partition's end when there is none yet. Records whose
+  event time falls outside the day are dropped. A record of the day that reached its partition after one
+  timed ``lateness_ms`` past midnight is missed; the archive keeps such stragglers, so the archive is the
+  source to prefer when events arrive very late.
+- **items and user profiles** (compacted topics): every record there, keeping for each id the newest one
+  timed before the day's end, i.e. the catalogue and the profiles as of then (:func:`as_of`). Compaction
+  may already have replaced an item's record of that time by a newer one; the oldest record still there
+  then stands in for it, provided the item was created before the day's end. A profile is never taken
+  from after the day.
+
+Records that fail the checks of the worker and the archive sink (:func:`streaming.consumer.check_record`;
+those already went to the dead-letter topic) are skipped and counted, so both sources hold the same events.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+
+from streaming.consumer import check_record
+from streaming.events import Click, Event, Impression, InvalidEvent, Item, Limits, UserProfile
+from streaming.settings import KafkaSettings
+
+__all__ = ["KafkaDay", "as_of", "read_day"]
+
+logger = logging.getLogger(__name__)
+
+DAY_MS = 86_400_000
+BEHAVIOUR = ("clicks", "impressions")
+STATE = ("items", "users")
+
+
+@dataclass(frozen=True)
+class KafkaDay:
+    """The day's clicks and impressions, the items and profiles as of its end, and what was left out."""
+
+    events: list[Event]
+    records: int  # records read from the topics
+    skipped: Counter[str] = field(default_factory=Counter)  # invalid records, by topic name
+    outside: int = 0  # clicks and impressions read that belong to another day
+
+
+def _day_bounds(day: dt.date) -> tuple[int, int]:
+    start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
+    return start, start + DAY_MS
+
+
+def as_of(records: Iterable[Item | UserProfile], end_ms: int) -> list[Item | UserProfile]:
+    """The newest record of every id timed before ``end_ms`` (a later one of equal time wins, as in the archive);
+    for an item with none, its oldest later record if the item was created before ``end_ms``."""
+    before: dict[tuple[str, str], Item | UserProfile] = {}
+    after: dict[str, Item] = {}
+    for record in records:
+        ident = (record.TYPE, record.item_id if isinstance(record, Item) else record.user_id)
+        if record.ts_ms < end_ms:
+            current = before.get(ident)
+            if current is None or current.ts_ms <= record.ts_ms:
+                before[ident] = record
+        elif isinstance(record, Item) and record.created_ms < end_ms:
+            first = after.get(record.item_id)
+            if first is None or record.ts_ms < first.ts_ms:
+                after[record.item_id] = record
+    stand_ins = [item for item_id, item in after.items() if ("item", item_id) not in before]
+    if stand_ins:
+        logger.info(
+            "%d items have no record before the day's end left (compacted): a later one stands in", len(stand_ins)
+        )
+    return [*before.values(), *stand_ins]
+
+
+def _partitions(consumer: KafkaConsumer, topic: str) -> list[TopicPartition]:
+    partitions = consumer.partitions_for_topic(topic)
+    if not partitions:
+        raise ValueError(f"topic {topic} does not exist (or has no partitions) on the broker")
+    return [TopicPartition(topic, p) for p in sorted(partitions)]
+
+
+def _offset_at(consumer: KafkaConsumer, tps: list[TopicPartition], ts_ms: int, ends: dict) -> dict:
+    """Per partition, the first offset timed at or after ``ts_ms``, or the end when there is none."""
+    found = consumer.offsets_for_times({tp: ts_ms for tp in tps})
+    return {tp: found[tp].offset if found.get(tp) is not None else ends[tp] for tp in tps}
+
+
+def _read(consumer: KafkaConsumer, ranges: dict[TopicPartition, tuple[int, int]], timeout_s: float) -> Iterator:
+    """Every record of each partition's ``[start, stop)`` offset range; raises when no progress for ``timeout_s``."""
+    active = {tp: stop for tp, (start, stop) in ranges.items() if start < stop}
+    consumer.assign(list(active))
+    for tp in active:
+        consumer.seek(tp, ranges[tp][0])
+    deadline = time.monotonic() + timeout_s
+    while active:
+        batch: dict[TopicPartition, list[ConsumerRecord]] = consumer.poll(timeout_ms=500, max_records=20_000)
+        for tp, records in batch.items():
+            stop = active.get(tp)
+            for record in records:
+                if stop is None or record.offset >= stop:
+                    break
+                yield record
+        progressed = bool(batch)
+        for tp in list(active):
+            # A compacted partition has gaps: the position, not the last offset seen, says when it is done.
+            if consumer.position(tp) >= active[tp]:
+                consumer.pause(tp)
+                del active[tp]
+                progressed = True
+        if progressed:
+            deadline = time.monotonic() + timeout_s
+        elif time.monotonic() > deadline:
+            left = {f"{tp.topic}-{tp.partition}": (consumer.position(tp), stop) for tp, stop in active.items()}
+            raise TimeoutError(f"no records for {timeout_s:.0f} s while reading (position, stop) {left}")
+
+
+def read_day(
+    settings: KafkaSettings, day: dt.date, *, lateness_ms: int = 3_600_000, timeout_s: float = 60.0
+) -> KafkaDay:
+    """Read ``day`` (UTC) from the topics of ``settings``: see the module docstring."""
+    start_ms, end_ms = _day_bounds(day)
+    limits = Limits(max_bytes=settings.max_record_bytes, max_future_ms=1 << 62)  # old events are not skewed
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers,
+        group_id=None,
+        enable_auto_commit=False,
+        client_id="freshtower-full",
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
+    try:
+        ranges: dict[TopicPartition, tuple[int, int]] = {}
+        for name in BEHAVIOUR:
+            tps = _partitions(consumer, settings.topic(name))
+            ends = consumer.end_offsets(tps)
+            first = _offset_at(consumer, tps, start_ms, ends)
+            stop = _offset_at(consumer, tps, end_ms + lateness_ms, ends)
+            ranges |= {tp: (first[tp], stop[tp]) for tp in tps}
+        for name in STATE:
+            tps = _partitions(consumer, settings.topic(name))
+            begin, ends = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
+            ranges |= {tp: (begin[tp], ends[tp]) for tp in tps}
+        behaviour: list[Event] = []
+        state: list[Item | UserProfile] = []
+        skipped: Counter[str] = Counter()
+        records = outside = 0
+        for record in _read(consumer, ranges, timeout_s):
+            records += 1
+            try:
+                event = check_record(record.topic, record.key, record.value, settings, limits)
+            except InvalidEvent:
+                skipped[record.topic] += 1
+                continue
+            if isinstance(event, Click | Impression):
+                if start_ms <= event.ts_ms < end_ms:
+                    behaviour.append(event)
+                else:
+                    outside += 1
+            else:
+                state.append(event)  # type: ignore[arg-type]
+    finally:
+        consumer.close()
+    if skipped:
+        logger.warning("skipped invalid records (already dead-lettered by the worker): %s", dict(skipped))
+    events = [*as_of(state, end_ms), *behaviour]
+    logger.info(
+        "day %s from Kafka: %d records read, %d events kept, %d of other days", day, records, len(events), outside
+    )
+    return KafkaDay(events, records, skipped, outside)
