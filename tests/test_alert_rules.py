@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS_DIR = REPO / "deploy" / "prometheus"
 DASHBOARD = REPO / "deploy" / "grafana" / "freshtower.json"
 
-# The metric names freshtower's processes export (worker, publisher, serving).
+# The metric names freshtower's processes export (worker, publisher, archive sink, serving).
 SCALARS = {
     "freshtower_events_consumed_total",
     "freshtower_examples_trained_total",
@@ -43,6 +43,10 @@ SCALARS = {
     "freshtower_published_rows_total",
     "freshtower_publish_failures_total",
     "freshtower_requests_total",
+    "freshtower_archive_events_total",
+    "freshtower_archive_skipped_total",
+    "freshtower_archive_flush_timestamp_seconds",
+    "freshtower_archive_watermark_timestamp_seconds",
 }
 # What the nightly job pushes (trainer.monitor): every metric of a start and of a fully detailed end.
 NIGHTLY = {
@@ -105,7 +109,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     defined = set(re.findall(r"^\s*- alert: (\w+)$", rules, re.MULTILINE))
     quiet = set(re.findall(r"alertname: (\w+)\n\s*exp_alerts: \[\]", tests))
     firing = set(re.findall(r"alertname: (\w+)\n\s*exp_alerts:\n\s*- exp_labels:", tests))
-    assert len(defined) == 14, sorted(defined)
+    assert len(defined) == 15, sorted(defined)
     assert defined - quiet == set(), "alerts without a case where they stay quiet"
     assert defined - firing == set(), "alerts without a case where they fire"
     assert (quiet | firing) - defined == set(), "tests of alerts that do not exist"
@@ -137,6 +141,7 @@ def test_alert_rules_reference_only_exported_metrics() -> None:
         "freshtower_event_watermark_timestamp_seconds",
         "freshtower_checkpoint_timestamp_seconds",
         "freshtower_model_data_cutoff_timestamp_seconds",
+        "freshtower_archive_watermark_timestamp_seconds",
         "freshtower_full_outcome",
         "freshtower_full_running",
         "freshtower_full_last_start_timestamp_seconds",
@@ -174,7 +179,7 @@ def check_expressions(exprs: list[str], tmp_path: Path) -> subprocess.CompletedP
 
 def test_dashboard_queries_parse(tmp_path: Path) -> None:
     queries = dashboard_queries()
-    assert len(queries) == 29
+    assert len(queries) == 30
     leftover = {k: q for k, q in queries.items() if "$" in q}
     assert leftover == {}, "dashboard variables the check does not know"
     result = check_expressions(list(queries.values()), tmp_path)
@@ -204,6 +209,7 @@ def test_dashboard_references_only_exported_metrics() -> None:
         "histogram_quantile(0.99, sum by (le) (rate(freshtower_request_seconds_bucket[1m])))",
         "time() - freshtower_model_data_cutoff_timestamp_seconds",
         "time() - freshtower_full_last_success_timestamp_seconds",
+        "time() - freshtower_archive_watermark_timestamp_seconds",
         "freshtower_full_holdout_recall",
     ):
         assert needed in exprs, needed

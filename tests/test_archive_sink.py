@@ -115,6 +115,18 @@ def test_bad_records_go_to_the_dead_letter_topic_with_their_reason(archived) -> 
     assert letters[1] == "record key 'u2' does not match the event's key 'u1'"
 
 
+def test_metrics_report_what_was_made_durable(archived) -> None:
+    # What Prometheus scrapes from the sink (freshtower-archive; FreshtowerArchiveBehind watches the watermark).
+    settings, events, _, _, sink = archived
+    value = sink.metrics.registry.get_sample_value
+    by_type = Counter(e.TYPE for e in events)
+    for kind, n in by_type.items():
+        assert value("freshtower_archive_events_total", {"type": kind}) == n
+    assert value("freshtower_archive_watermark_timestamp_seconds") == max(e.ts_ms for e in events) / 1000
+    assert value("freshtower_dead_letters_total", {"topic": settings.topic("clicks")}) == 2
+    assert time.time() - 600 < value("freshtower_archive_flush_timestamp_seconds") <= time.time()
+
+
 def test_offsets_are_committed_and_a_restart_archives_nothing_twice(archived) -> None:
     settings, events, root, group, sink = archived
     ends = end_offsets(settings)

@@ -40,7 +40,7 @@ def test_mounted_files_and_image_sources_exist():
             assert (REPO / part).exists(), f"the Dockerfile copies {part}, which is missing"
 
 
-@pytest.mark.parametrize("service", ["worker", "publisher"])
+@pytest.mark.parametrize("service", ["worker", "publisher", "archive"])
 def test_metrics_ports_match_the_compose_prometheus_targets(service):
     prometheus = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.compose.yml").read_text())
     targets = {t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
