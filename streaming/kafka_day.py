@@ -15,6 +15,10 @@ covers the day, the job can read it from Kafka instead, with no archive sink run
   then stands in for it, provided the item was created before the day's end. A profile is never taken
   from after the day.
 
+A day that retention has begun to delete is refused (:class:`DayTruncated`): when a partition of clicks or
+impressions has lost records (its log starts past offset 0) and its oldest record left is later than the
+day's start, records of the day may be gone, and training on the rest would skew the model silently.
+
 Records that fail the checks of the worker and the archive sink (:func:`streaming.consumer.check_record`;
 those already went to the dead-letter topic) are skipped and counted, so both sources hold the same events.
 """
@@ -35,13 +39,17 @@ from streaming.consumer import check_record
 from streaming.events import Click, Event, Impression, InvalidEvent, Item, Limits, UserProfile
 from streaming.settings import KafkaSettings
 
-__all__ = ["KafkaDay", "as_of", "read_day"]
+__all__ = ["DayTruncated", "KafkaDay", "as_of", "read_day"]
 
 logger = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
 BEHAVIOUR = ("clicks", "impressions")
 STATE = ("items", "users")
+
+
+class DayTruncated(ValueError):
+    """Retention has deleted records of the day from the topics: read it from the archive instead."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,26 @@ def _offset_at(consumer: KafkaConsumer, tps: list[TopicPartition], ts_ms: int, e
     return {tp: found[tp].offset if found.get(tp) is not None else ends[tp] for tp in tps}
 
 
+def _check_retained(consumer: KafkaConsumer, tps: list[TopicPartition], start_ms: int, ends: dict) -> None:
+    """Raise :class:`DayTruncated` when a partition lost records and keeps none from before ``start_ms``."""
+    begin = consumer.beginning_offsets(tps)
+    oldest = consumer.offsets_for_times({tp: 0 for tp in tps})
+    lost = []
+    for tp in tps:
+        if begin[tp] == 0:
+            continue  # nothing ever deleted
+        kept = oldest.get(tp)
+        if kept is None and ends[tp] > 0:
+            lost.append(f"{tp.topic}-{tp.partition}: every record deleted (log start {begin[tp]})")
+        elif kept is not None and kept.timestamp > start_ms:
+            lost.append(f"{tp.topic}-{tp.partition}: oldest record left at {kept.timestamp} ms (offset {kept.offset})")
+    if lost:
+        raise DayTruncated(
+            f"retention has deleted records that may belong to the day starting at {start_ms} ms; "
+            f"read the day from the archive instead: {'; '.join(lost)}"
+        )
+
+
 def _read(consumer: KafkaConsumer, ranges: dict[TopicPartition, tuple[int, int]], timeout_s: float) -> Iterator:
     """Every record of each partition's ``[start, stop)`` offset range; raises when no progress for ``timeout_s``."""
     active = {tp: stop for tp, (start, stop) in ranges.items() if start < stop}
@@ -142,6 +170,7 @@ def read_day(
         for name in BEHAVIOUR:
             tps = _partitions(consumer, settings.topic(name))
             ends = consumer.end_offsets(tps)
+            _check_retained(consumer, tps, start_ms, ends)
             first = _offset_at(consumer, tps, start_ms, ends)
             stop = _offset_at(consumer, tps, end_ms + lateness_ms, ends)
             ranges |= {tp: (first[tp], stop[tp]) for tp in tps}

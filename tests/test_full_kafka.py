@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient
 
 from streaming.archive import ArchiveWriter
 from streaming.events import Click, Event, Item, UserProfile, encode
-from streaming.kafka_day import as_of, read_day
+from streaming.kafka_day import DayTruncated, as_of, read_day
 from streaming.producer import EventProducer
 from streaming.settings import KafkaSettings
 from streaming.sources.synthetic import SyntheticWorld, WorldConfig
@@ -20,7 +21,7 @@ from tests.full_fixtures import DAY1
 from trainer.__main__ import main
 from trainer.artifact import load_version
 from trainer.dataset import Dataset
-from trainer.full import EXIT_PROMOTED, load_day, load_kafka_day
+from trainer.full import EXIT_NO_DATA, EXIT_PROMOTED, load_day, load_kafka_day
 from trainer.registry import Registry
 
 torch.set_num_threads(1)
@@ -136,3 +137,35 @@ def test_trainer_full_from_kafka(streams: tuple[KafkaSettings, Path, Click], tmp
     assert manifest["data_cutoff_ms"] <= int(dataset.clicks.ts_ms.max())
     trained = manifest["metrics"]["train"]["examples"]
     assert 0 < trained < len(dataset.clicks)  # the newest 10% held back for the gate
+
+
+def test_a_day_retention_has_begun_to_delete_is_refused(kafka_settings: KafkaSettings, tmp_path: Path) -> None:
+    start = 1_704_067_200_000  # day 1's midnight
+    clicks = [Click("u", f"i{k}", f"r{k}", start + k * HOUR_MS) for k in range(6)]  # one user: one partition
+    with EventProducer(kafka_settings) as producer:
+        producer.send_all([item(f"i{k}", start - 1000, created_ms=start - 1000) for k in range(6)])
+        producer.send_all(clicks)
+    assert len(Dataset.from_events(read_day(kafka_settings, DAY1).events).clicks) == 6  # whole: nothing deleted
+    topic = kafka_settings.topic("clicks")
+    (tp,) = [TopicPartition(topic, p) for p in range(kafka_settings.partitions) if end_offset(kafka_settings, topic, p)]
+    admin = KafkaAdminClient(bootstrap_servers=kafka_settings.bootstrap_servers)
+    try:
+        admin.delete_records({tp: 2})  # as retention would: the day's first two clicks are gone
+    finally:
+        admin.close()
+    with pytest.raises(DayTruncated, match=rf"{topic}-{tp.partition}: oldest record left at {start + 2 * HOUR_MS} ms"):
+        read_day(kafka_settings, DAY1)
+    # The nightly job says so and trains nothing (exit code 4: no data).
+    argv = ["full", "--source", "kafka", "--bootstrap", kafka_settings.bootstrap_servers]
+    argv += ["--topic-prefix", kafka_settings.topic_prefix, "--day", DAY1.isoformat(), "--models", str(tmp_path)]
+    assert main([*argv, "--no-progress"]) == EXIT_NO_DATA
+    assert Registry(tmp_path).list() == []
+
+
+def end_offset(settings: KafkaSettings, topic: str, partition: int) -> int:
+    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        tp = TopicPartition(topic, partition)
+        return consumer.end_offsets([tp])[tp]
+    finally:
+        consumer.close()

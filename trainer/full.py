@@ -27,8 +27,9 @@
 Exit codes: 0 the candidate passed the gate (and was promoted unless ``--no-promote``); 1 an unexpected error
 (with its traceback); 2 bad arguments or settings; 3 the gate refused the candidate (it is kept as a
 non-current version for inspection) or training diverged (a NaN loss; no version is written); 4 no data
-(no archived day, or a day with fewer than 2 clicks). With ``--pushgateway`` the run reports its start and
-outcome to Prometheus (:mod:`trainer.monitor`; the ``freshtower-nightly`` alerts).
+(no archived day, a day with fewer than 2 clicks, or a day retention has begun to delete from Kafka).
+With ``--pushgateway`` the run reports its start and outcome to Prometheus (:mod:`trainer.monitor`; the
+``freshtower-nightly`` alerts).
 
 Settings (:class:`FullSettings`) come from defaults, the ``[full]`` table of the TOML file (``--config`` or
 ``FRESHTOWER_CONFIG``), ``FRESHTOWER_<FIELD>`` environment variables and the flags, in that order. The TOML
@@ -364,7 +365,12 @@ def run_full(
     ``kafka``: where the topics are, for ``source = "kafka"`` (default settings when None)."""
     if settings.source == "kafka":
         day = _yesterday(settings.day)
-        dataset = load_kafka_day(kafka or KafkaSettings(), day, settings.kafka_lateness_s)
+        try:
+            dataset = load_kafka_day(kafka or KafkaSettings(), day, settings.kafka_lateness_s)
+        except kafka_day.DayTruncated as exc:
+            msg = f"day {day} is no longer whole in Kafka: {exc}"
+            logger.error(msg)
+            return FullResult(EXIT_NO_DATA, "no_data", message=msg)
     else:
         archived = pick_day(settings.archive_dir, settings.day)
         if archived is None:
