@@ -112,8 +112,9 @@ class FullSettings:
     ``id_ttl_days``: expire the rows of ids inactive for that many days (at least 1: an id trained on the day is
     never dropped); None keeps every id forever. ``source``: ``archive`` (``archive_dir``) or ``kafka`` (the
     topics of the ``[kafka]`` settings, by timestamp; ``kafka_lateness_s``: how long after midnight, in
-    event time, a record of the day may still arrive; see :mod:`streaming.kafka_day`). ``pushgateway``: ``host:port`` of a Prometheus Pushgateway that
-    the run reports its start and outcome to (:mod:`trainer.monitor`); None reports nothing.
+    event time, a record of the day may still arrive; see :mod:`streaming.kafka_day`). ``pushgateway``:
+    ``host:port`` of a Prometheus Pushgateway that the run reports its start and outcome to
+    (:mod:`trainer.monitor`); None reports nothing.
     """
 
     archive_dir: Path = Path("data/archive")
