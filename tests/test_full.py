@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import fcntl
 import math
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import trainer.full
 from streaming.archive import ArchiveWriter, read_day
 from streaming.events import Click
 from streaming.sources.synthetic import SyntheticWorld, WorldConfig
@@ -20,7 +22,7 @@ from trainer.__main__ import main
 from trainer.artifact import load_version
 from trainer.dataset import Dataset
 from trainer.distributed import shard_by_user
-from trainer.full import EXIT_NO_DATA, EXIT_PROMOTED, EXIT_REFUSED, FullResult, pick_day, run_full
+from trainer.full import EXIT_BUSY, EXIT_NO_DATA, EXIT_PROMOTED, EXIT_REFUSED, FullResult, pick_day, run_full
 from trainer.registry import Registry
 from trainer.train import TrainConfig
 
@@ -157,3 +159,43 @@ def test_cli(archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "recall@10" in manifest["metrics"]["holdout"]
     assert main([*args, "--day", "2023-12-31"]) == EXIT_NO_DATA
     assert main([*args, "--holdout-fraction", "1.5"]) == 2
+
+
+def test_one_run_at_a_time_per_models_directory(archive: Path, tmp_path: Path) -> None:
+    # A run holds <models>/.full.lock (here: this test, as pid 4242); a second one does nothing at all.
+    models = tmp_path / "models"
+    models.mkdir()
+    with open(models / ".full.lock", "a+") as held:
+        held.write("4242\n")
+        held.flush()
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        busy = run_full(full_settings(archive, models, DAY1), MODEL, TRAIN)
+    assert (busy.exit_code, busy.outcome) == (EXIT_BUSY, "busy")
+    assert "pid 4242" in busy.message and busy.version_id is None
+    assert Registry(models).list() == []
+    # Released: the next run goes ahead.
+    assert run_full(full_settings(archive, models, DAY1), MODEL, TRAIN).outcome == "promoted"
+
+
+def test_a_rollback_by_hand_during_the_run_is_not_undone(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    models = tmp_path / "models"
+    first = run_full(full_settings(archive, models, DAY1), MODEL, TRAIN)
+    second = run_full(full_settings(archive, models, DAY2), MODEL, TRAIN)
+    assert Registry(models).current() == second.version_id
+    real_decide = trainer.full.decide
+
+    def decide_while_someone_rolls_back(*args, **kwargs):
+        # An operator rolls the second version back while the third run, grown from it, is being gated.
+        Registry(models).rollback(reason="by hand")
+        return real_decide(*args, **kwargs)
+
+    monkeypatch.setattr(trainer.full, "decide", decide_while_someone_rolls_back)
+    third = run_full(full_settings(archive, models, DAY2), MODEL, TRAIN)
+    assert third.decision.accepted  # it passed the gate ...
+    assert (third.exit_code, third.outcome, third.promoted) == (EXIT_REFUSED, "superseded", False)
+    registry = Registry(models)
+    assert registry.current() == first.version_id  # ... and the rollback stands
+    assert third.parent == second.version_id and third.version_id in {v.version_id for v in registry.list()}
+    assert "changed by hand during the run" in third.message

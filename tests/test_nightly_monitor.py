@@ -39,7 +39,15 @@ def test_end_registry_hand_worked() -> None:
         expired={"user": 1, "item": 0},
     )
     value = r.get_sample_value
-    assert [value("freshtower_full_outcome", {"outcome": o}) for o in OUTCOMES] == [0, 0, 1, 0, 0, 0]
+    assert {o: value("freshtower_full_outcome", {"outcome": o}) for o in OUTCOMES} == {
+        "promoted": 0,
+        "passed": 0,
+        "refused": 1,
+        "superseded": 0,
+        "diverged": 0,
+        "no_data": 0,
+        "error": 0,
+    }
     assert value("freshtower_full_running") == 0
     assert value("freshtower_full_duration_seconds") == 60.0
     assert value("freshtower_full_last_run_timestamp_seconds") == 160.0

@@ -24,7 +24,7 @@ from trainer.artifact import (
 from trainer.dataset import Dataset
 from trainer.features import FeatureEncoder
 from trainer.model import ModelConfig, TwoTowerModel
-from trainer.registry import Registry, RegistryError
+from trainer.registry import CurrentChanged, Registry, RegistryError
 
 torch.set_num_threads(1)
 T0 = 1_704_067_200_000
@@ -200,6 +200,26 @@ def test_promote_refuses_a_damaged_version(tmp_path: Path, tiny: tuple) -> None:
     with pytest.raises(ArtifactError, match="items.faiss"):
         registry.promote("v2")
     assert registry.current() == "v1"
+
+
+def test_conditional_promote_refuses_when_current_moved(tmp_path: Path, tiny: tuple) -> None:
+    registry = Registry(tmp_path)
+    for k in (1, 2, 3):
+        _register(registry, tiny, f"v{k}", "v1" if k > 1 else None)
+    registry.promote("v1", expect_current=None)  # nothing current yet: as expected
+    registry.promote("v2", expect_current="v1")
+    registry.rollback()  # by hand, while a run that started from v2 trains
+    with pytest.raises(CurrentChanged, match="current version is 'v1', not 'v2'"):
+        registry.promote("v3", expect_current="v2")
+    assert registry.current() == "v1" and [h["action"] for h in registry.history()] == [
+        "promote",
+        "promote",
+        "rollback",
+    ]
+    with pytest.raises(CurrentChanged):
+        registry.promote("v3", expect_current=None)
+    registry.promote("v3")  # unconditional: whatever is current
+    assert registry.current() == "v3"
 
 
 def test_prune_keeps_newest_current_and_its_parent(tmp_path: Path, tiny: tuple) -> None:

@@ -27,8 +27,10 @@
 Exit codes: 0 the candidate passed the gate (and was promoted unless ``--no-promote``); 1 an unexpected error
 (with its traceback); 2 bad arguments or settings; 3 the gate refused the candidate (it is kept as a
 non-current version for inspection) or training diverged (a NaN loss; no version is written); 4 no data
-(no archived day, a day with fewer than 2 clicks, or a day retention has begun to delete from Kafka).
-With ``--pushgateway`` the run reports its start and outcome to Prometheus (:mod:`trainer.monitor`; the
+(no archived day, a day with fewer than 2 clicks, or a day retention has begun to delete from Kafka); 5 another
+run holds the models directory (one run at a time: it does nothing and reports nothing). A candidate that passed
+the gate is not promoted when the current version changed during the run (a promotion or rollback by hand,
+exit code 3). With ``--pushgateway`` the run reports its start and outcome to Prometheus (:mod:`trainer.monitor`; the
 ``freshtower-nightly`` alerts).
 
 Settings (:class:`FullSettings`) come from defaults, the ``[full]`` table of the TOML file (``--config`` or
@@ -40,12 +42,15 @@ the epoch (:class:`trainer.train.TrainConfig`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import datetime as dt
+import fcntl
 import itertools
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,11 +77,12 @@ from trainer.frequency import FrequencyEstimator
 from trainer.gate import GateConfig, GateDecision, decide, holdout_split
 from trainer.model import ModelConfig, TwoTowerModel
 from trainer.monitor import NightlyMonitor
-from trainer.registry import Registry
+from trainer.registry import CurrentChanged, Registry
 from trainer.train import TrainConfig, TrainStats, make_estimator, make_optimizer, train_epoch
 from trainer.warm_state import TrainingState
 
 __all__ = [
+    "EXIT_BUSY",
     "EXIT_NO_DATA",
     "EXIT_PROMOTED",
     "EXIT_REFUSED",
@@ -97,6 +103,7 @@ EXIT_PROMOTED = 0
 EXIT_USAGE = 2
 EXIT_REFUSED = 3
 EXIT_NO_DATA = 4
+EXIT_BUSY = 5
 DAY_MS = 86_400_000
 SOURCES = ("archive", "kafka")
 
@@ -167,7 +174,7 @@ class FullResult:
     the outcome reported to Prometheus (:data:`trainer.monitor.OUTCOMES`)."""
 
     exit_code: int
-    outcome: str  # one of trainer.monitor.OUTCOMES
+    outcome: str  # one of trainer.monitor.OUTCOMES, or "busy" (not reported)
     version_id: str | None = None
     parent: str | None = None
     promoted: bool = False
@@ -356,6 +363,26 @@ def _carry_state(
             logger.info("frequency estimate rescaled to batches %g times the parent's", ratio)
 
 
+@contextlib.contextmanager
+def _exclusive(models_dir: Path) -> Iterator[bool]:
+    """Hold ``<models_dir>/.full.lock`` for the run; yields False when another run holds it."""
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with open(models_dir / ".full.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+            yield True
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 def run_full(
     settings: FullSettings,
     model_config: ModelConfig,
@@ -363,7 +390,36 @@ def run_full(
     kafka: KafkaSettings | None = None,
 ) -> FullResult:
     """One nightly run (see the module docstring); returns what happened, never raises for a refusal.
-    ``kafka``: where the topics are, for ``source = "kafka"`` (default settings when None)."""
+
+    ``kafka``: where the topics are, for ``source = "kafka"`` (default settings when None). One run at a time
+    per models directory: a second one returns ``busy`` (exit code 5) at once and reports nothing, so it cannot
+    disturb the running one's metrics. With ``settings.pushgateway`` the run reports its start and its end,
+    an exception included (reported as ``error``, then raised).
+    """
+    with _exclusive(settings.models_dir) as ours:
+        if not ours:
+            holder = (settings.models_dir / ".full.lock").read_text().strip() or "?"
+            msg = f"another trainer full (pid {holder}) is running on {settings.models_dir}; this one does nothing"
+            logger.error(msg)
+            return FullResult(EXIT_BUSY, "busy", message=msg)
+        monitor = NightlyMonitor(settings.pushgateway) if settings.pushgateway else None
+        if monitor is not None:
+            monitor.start()
+        try:
+            result = _night(settings, model_config, train_config, kafka)
+        except BaseException:
+            # Reported, then raised as it was: the traceback says what went wrong (exit code 1).
+            if monitor is not None:
+                monitor.end("error")
+            raise
+        if monitor is not None:
+            monitor.end(result.outcome, **result.report(settings.recall_k))
+        return result
+
+
+def _night(
+    settings: FullSettings, model_config: ModelConfig, train_config: TrainConfig, kafka: KafkaSettings | None
+) -> FullResult:
     if settings.source == "kafka":
         day = _yesterday(settings.day)
         try:
@@ -485,7 +541,14 @@ def run_full(
         msg = f"{version_id} passed the gate; not promoted (--no-promote)"
         logger.info(msg)
         return FullResult(EXIT_PROMOTED, "passed", message=msg, **result)
-    registry.promote(version_id, reason="; ".join(decision.reasons))
+    try:
+        registry.promote(version_id, reason="; ".join(decision.reasons), expect_current=current_id)
+    except CurrentChanged as exc:
+        # A promotion or rollback by hand while this run trained: the candidate was gated against (and grown
+        # from) a version that is no longer current, and a person chose otherwise. Keep theirs.
+        msg = f"{version_id} passed the gate but is not promoted: {exc} (changed by hand during the run)"
+        logger.warning(msg)
+        return FullResult(EXIT_REFUSED, "superseded", message=msg, **result)
     registry.prune()
     msg = f"promoted {version_id} (parent {current_id})"
     logger.info(msg)
@@ -529,18 +592,7 @@ def run(args: argparse.Namespace) -> int:
     except (SettingsError, ValueError, TypeError, OSError) as exc:
         logger.error("bad settings: %s", exc)
         return EXIT_USAGE
-    monitor = NightlyMonitor(settings.pushgateway) if settings.pushgateway else None
-    if monitor is not None:
-        monitor.start()
-    try:
-        result = run_full(settings, model_config, train_config, kafka)
-    except BaseException:
-        # Reported, then raised as it was: the traceback says what went wrong (exit code 1).
-        if monitor is not None:
-            monitor.end("error")
-        raise
-    if monitor is not None:
-        monitor.end(result.outcome, **result.report(settings.recall_k))
+    result = run_full(settings, model_config, train_config, kafka)
     print(result.message)
     return result.exit_code
 

@@ -31,8 +31,10 @@ __all__ = ["JOB", "OUTCOMES", "NightlyMonitor", "end_registry", "start_registry"
 logger = logging.getLogger(__name__)
 
 JOB = "freshtower-full"
-# How a run ends (trainer.full.FullResult.outcome); the first two passed the gate.
-OUTCOMES = ("promoted", "passed", "refused", "diverged", "no_data", "error")
+# How a run ends (trainer.full.FullResult.outcome); the first two passed the gate. "superseded": it passed, but
+# the current version changed by hand during the run, so it was not promoted. (A run refused for another run
+# in progress, "busy", reports nothing.)
+OUTCOMES = ("promoted", "passed", "refused", "superseded", "diverged", "no_data", "error")
 SUCCESS = ("promoted", "passed")
 
 

@@ -38,7 +38,7 @@ from typing import Any
 from streaming.archive import fsync_dir
 from trainer.artifact import MANIFEST, read_manifest, verify_files
 
-__all__ = ["Registry", "RegistryError", "VersionInfo"]
+__all__ = ["ANY", "CurrentChanged", "Registry", "RegistryError", "VersionInfo"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +47,13 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 class RegistryError(RuntimeError):
     """A registry operation that cannot be done as asked (unknown version, nothing to roll back to, ...)."""
+
+
+class CurrentChanged(RegistryError):
+    """A conditional promotion found another current version than expected."""
+
+
+ANY = object()  # promote(expect_current=ANY): whatever is current
 
 
 @dataclass(frozen=True)
@@ -190,13 +197,20 @@ class Registry:
             finally:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
-    def promote(self, version_id: str, *, reason: str = "") -> None:
-        """Make ``version_id`` current. Its files are checked against the manifest first."""
+    def promote(self, version_id: str, *, reason: str = "", expect_current: str | None | object = ANY) -> None:
+        """Make ``version_id`` current. Its files are checked against the manifest first.
+
+        ``expect_current``: promote only if this is still the current version (None: no version is current), as
+        one step under the lock; raises :class:`CurrentChanged` otherwise. The nightly job passes the version it
+        started from, so that a rollback or promotion by hand during its run is not silently undone.
+        """
         path = self.path(version_id)
         verify_files(path, read_manifest(path))
         with self._locked():
             state = self._read_pointer()
             old = state["version"] if state else None
+            if expect_current is not ANY and old != expect_current:
+                raise CurrentChanged(f"current version is {old!r}, not {expect_current!r}: {version_id} not promoted")
             if old == version_id:
                 logger.info("version %s is already current", version_id)
                 return
