@@ -4,7 +4,10 @@ One cycle (:meth:`Publisher.publish_once`):
 
 1. read the store's meta (version ``v``, the cursor of the last publish);
 2. ``source.changes_since(cursor)``; nothing new (no rows, same watermark and model) means no new
-   version, and the cycle still counts as a success;
+   version, and the cycle still counts as a success. When the model changed, every row the store holds
+   belongs to the old one: the rows the source did not republish (ids it no longer tracks) are rewritten
+   under the new model (:class:`~publisher.source.RowSource`; removed when the source cannot), so that
+   the version that switches the model switches every row;
 3. write :class:`~publisher.records.Publish` ``v + 1`` with the new cursor in the same batch
    (:meth:`Store.apply`), so a crash before it leaves version ``v`` and its cursor, and the next
    cycle pulls the same changes again: nothing skipped, nothing published twice;
@@ -18,11 +21,13 @@ restarts because they are read back from the store. The watermark never moves ba
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
 from prometheus_client import CollectorRegistry
 
 from publisher.fanout import Fanout
@@ -30,7 +35,7 @@ from publisher.index import Index, IndexSnapshots, apply_delta, load_index, make
 from publisher.metrics import PublisherMetrics
 from publisher.records import Delta, Meta, Publish
 from publisher.settings import PublisherSettings
-from publisher.source import ChangeSource
+from publisher.source import Changes, ChangeSource, RowSource
 from publisher.store import Store, StoreView
 
 __all__ = ["Publish", "Publisher", "PublishResult"]
@@ -96,6 +101,8 @@ class Publisher:
             with self.store.reader() as view:
                 prev = view.meta()
             changes = self.source.changes_since(prev.cursor if prev else "")
+            if prev is not None and changes.model_version != prev.model_version:
+                changes = self._whole_switch(changes, prev.model_version)
             prev_watermark = prev.watermark_ms if prev else 0
             meta = None
             if (
@@ -132,6 +139,48 @@ class Publisher:
             self.metrics.duration.observe(seconds)
         self.metrics.last_success.set(time.time())
         return PublishResult(meta, seconds)
+
+    def _whole_switch(self, changes: Changes, old_model: str) -> Changes:
+        """``changes`` plus every published row it lacks, rewritten under the new model (or removed, for a source
+        that cannot give rows of any id): one version then switches the whole store (module docstring, step 2)."""
+        with self.store.reader() as view:
+            users = [u for u in view.user_ids() if u not in changes.users and u not in changes.removed_users]
+            items = [i for i in view.item_ids() if i not in changes.items and i not in changes.removed_items]
+        if not users and not items:
+            return changes
+        if not isinstance(self.source, RowSource):
+            logger.warning(
+                "model %s -> %s: the source cannot give rows of ids it did not republish; removing %d users, %d items",
+                old_model,
+                changes.model_version,
+                len(users),
+                len(items),
+            )
+            return dataclasses.replace(
+                changes,
+                removed_users=changes.removed_users | frozenset(users),
+                removed_items=changes.removed_items | frozenset(items),
+            )
+        new_users, new_items = self.source.rows_for(changes.model_version, users, items)
+        rewritten: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {}
+        for start in range(0, len(users), 10_000):  # short views: readers wait for a writer's views to close
+            chunk = users[start : start + 10_000]
+            with self.store.reader() as view:
+                old_rows = view.users(chunk)
+            for user_id, old in zip(chunk, old_rows, strict=True):
+                vector, last_n = new_users[user_id]
+                # A history only the store still has (the source forgot the user, or its state was rebuilt) stays.
+                rewritten[user_id] = (vector, last_n or (old.last_n if old is not None else ()))
+        logger.info(
+            "model %s -> %s: rewriting %d users and %d items the source did not republish, in the same version",
+            old_model,
+            changes.model_version,
+            len(users),
+            len(items),
+        )
+        return dataclasses.replace(
+            changes, users={**changes.users, **rewritten}, items={**changes.items, **dict(new_items)}
+        )
 
     def run(self, stop: threading.Event) -> None:
         """Publish every ``interval_s`` until ``stop`` is set; a failed cycle is logged and retried next time."""

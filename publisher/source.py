@@ -21,7 +21,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["ChangeSource", "Changes", "MemorySource", "RandomWalk"]
+__all__ = ["ChangeSource", "Changes", "MemorySource", "RandomWalk", "RowSource"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,24 @@ class ChangeSource(Protocol):
 
     def changes_since(self, cursor: str) -> Changes:
         """Every row changed after ``cursor`` ("" = from the beginning), with its latest value."""
+        ...
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """A source that can give the row of any id under a model: what a model switch needs (:mod:`publisher.publish`).
+
+    After the model changes, every published row belongs to the old model, including rows of ids the source no
+    longer tracks (a user the learner forgot). The publisher asks for those here and writes them in the same
+    version as the switch, so readers never see rows of two models at once. A source without this capability
+    gets such rows removed instead.
+    """
+
+    def rows_for(
+        self, model_version: str, users: Sequence[str], items: Sequence[str]
+    ) -> tuple[Mapping[str, tuple[np.ndarray, tuple[str, ...]]], Mapping[str, np.ndarray]]:
+        """Rows of ``users`` and ``items`` as the source would publish them under ``model_version``; raises if that
+        is no longer the source's model."""
         ...
 
 

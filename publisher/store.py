@@ -45,6 +45,7 @@ from rocksdict import AccessType, Options, Rdict, ReadOptions, WriteBatch, Write
 
 from publisher.follower import Follower
 from publisher.records import (
+    REMOVED,
     Delta,
     ItemRow,
     Meta,
@@ -89,6 +90,14 @@ class StoreView(ABC):
     @abstractmethod
     def items(self, item_ids: Sequence[str]) -> list[ItemRow | None]:
         """Rows of ``item_ids`` in order; ``None`` for unknown or removed items."""
+
+    @abstractmethod
+    def user_ids(self) -> list[str]:
+        """The ids of every live (not removed) user row, sorted."""
+
+    @abstractmethod
+    def item_ids(self) -> list[str]:
+        """The ids of every live (not removed) item row, sorted."""
 
     def user(self, user_id: str) -> UserRow | None:
         return self.users([user_id])[0]
@@ -205,6 +214,12 @@ class _MemoryView(StoreView):
         rows = [self._s._items.get(i) for i in item_ids]
         return [r if r is not None and not r.removed else None for r in rows]
 
+    def user_ids(self) -> list[str]:
+        return sorted(k for k, r in self._s._users.items() if not r.removed)
+
+    def item_ids(self) -> list[str]:
+        return sorted(k for k, r in self._s._items.items() if not r.removed)
+
     def changes_since(self, since: int, *, users: bool = True, items: bool = True) -> Delta:
         return Delta(
             since=since,
@@ -314,6 +329,16 @@ class _RocksView(StoreView):
         raws = self._check().get([_item_key(i) for i in item_ids]) if item_ids else []
         rows = [decode_item(r) if r is not None else None for r in raws]
         return [r if r is not None and not r.removed else None for r in rows]
+
+    def _live_ids(self, lower: bytes, upper: bytes) -> list[str]:
+        # Every row starts <format><flags>: the flags say whether it is a tombstone, without decoding the rest.
+        return [key[2:].decode() for key, raw in _range(self._check(), lower, upper) if not raw[1] & REMOVED]
+
+    def user_ids(self) -> list[str]:
+        return self._live_ids(b"u:", b"u;")
+
+    def item_ids(self) -> list[str]:
+        return self._live_ids(b"i:", b"i;")
 
     def changes_since(self, since: int, *, users: bool = True, items: bool = True) -> Delta:
         db = self._check()

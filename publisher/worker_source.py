@@ -42,7 +42,7 @@ import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,6 +179,24 @@ class WorkerSource:
             "checkpoint %d: %d users, %d items changed since %r", seq, len(users), len(items), cursor or "start"
         )
         return changes, seq if not reason and not users and not items else None
+
+    def rows_for(
+        self, model_version: str, users: Sequence[str], items: Sequence[str]
+    ) -> tuple[dict[str, tuple[np.ndarray, tuple[str, ...]]], dict[str, np.ndarray]]:
+        """Rows of any ids under ``model_version`` (:class:`~publisher.source.RowSource`): an id the worker holds
+        no online row for gets the model's own row (0 when the model does not know it either) and, for a user,
+        the last-N the state holds (none when it forgot the user); an item its item-tower vector on the
+        catalogue record the state holds (default features without one). Read from the state exactly as the last
+        :meth:`changes_since` read it (no catch-up in between), so both belong to one checkpoint."""
+        with self._lock:
+            state = self._state
+            if state is None:
+                raise RuntimeError("rows_for reads the state of the last changes_since call; there was none")
+            now = str(state.meta().get("model_version") or "")
+            if now != model_version:
+                raise RuntimeError(f"the worker moved from model {model_version!r} to {now!r}; publish again")
+            version = self._model(model_version)
+            return self._users(state, version, list(users)), self._items(state, version, list(items))
 
     def close(self) -> None:
         with self._lock:

@@ -12,27 +12,10 @@ import torch
 
 from streaming.events import Click
 from streaming.worker import Worker, WorkerSettings
-from tests.worker_fixtures import produce, register_model, split_world, wait_for
-from trainer.artifact import load_version, make_version, save_version
-from trainer.dataset import Dataset
-from trainer.features import FeatureEncoder
-from trainer.model import ModelConfig, TwoTowerModel
-from trainer.registry import Registry
+from tests.worker_fixtures import produce, promote_second_version, register_model, split_world, wait_for
+from trainer.artifact import load_version
 
 pytestmark = pytest.mark.kafka
-
-
-def promote_second_version(registry: Registry, events: list, cutoff_ms: int) -> None:
-    """v2: vocabularies from ``events`` (day one and the morning of day two), a different initialisation."""
-    dataset = Dataset.from_events(events)
-    encoder = FeatureEncoder.fit(dataset)
-    model = TwoTowerModel(encoder, ModelConfig(dim=16, id_dim=16, embedding_dim=8, hidden=(32,), seed=1))
-    version = make_version(
-        model, encoder, dataset.items, version_id="v2", parent="v1", data_range=(0, cutoff_ms), data_cutoff_ms=cutoff_ms
-    )
-    with registry.new_version("v2") as staging:
-        save_version(staging, version)
-    registry.promote("v2")
 
 
 @pytest.mark.parametrize("when", ["live", "at_restart"])

@@ -179,10 +179,69 @@ def test_a_new_model_with_another_item_dim_rebuilds_the_index(tmp_path):
         assert pub.index.dim == 2
         source.set_model_version("m2")
         source.put_item("a", [0, 0, 1])
-        source.put_item("c", [1, 0, 0])  # b is not republished yet: it keeps its 2-d vector of m1
+        source.put_item("c", [1, 0, 0])  # b is not republished: this source cannot give its m2 row, so it goes
         pub.publish_once()
         assert (pub.index.dim, len(pub.index), "b" in pub.index) == (3, 2, False)
         assert pub.index.search(np.array([[1.0, 0.0, 0.0]], np.float32), 1)[0] == [["c"]]
+        with store.reader() as view:
+            assert view.item("b") is None and view.item_ids() == ["a", "c"]
+
+
+class RowMemorySource(MemorySource):
+    """A :class:`MemorySource` that can also give the row of any id under its current model (a RowSource)."""
+
+    def __init__(self, model_version: str) -> None:
+        super().__init__(model_version)
+        self.asked: list[tuple[str, list[str], list[str]]] = []
+        self.moved_on = False
+
+    def rows_for(self, model_version, users, items):
+        if self.moved_on:
+            raise RuntimeError("the source moved to another model; publish again")
+        self.asked.append((model_version, list(users), list(items)))
+        return (
+            {u: (np.array([9, 9], np.float32), ("h",) if u == "u3" else ()) for u in users},
+            {i: np.array([0, 9, 0], np.float32) for i in items},
+        )
+
+
+def test_a_model_switch_rewrites_every_row_in_one_version(tmp_path):
+    source = RowMemorySource("m1")
+    source.put_user("u1", [1, 0], ["a"])
+    source.put_user("u2", [0, 1], ["b", "a"])
+    source.put_user("u3", [1, 1], ["b"])
+    source.put_item("a", [1, 0, 0])
+    source.put_item("b", [0, 0, 1])
+    registry = CollectorRegistry()
+    with RocksStore(tmp_path / "db") as store:
+        pub = Publisher(store, source, settings(tmp_path, index_kind="flat"), registry=registry)
+        pub.publish_once()
+        # The new model: the source republishes u1 and a (the ids it tracks); u2, u3 and b only the store has.
+        source.set_model_version("m2")
+        source.put_user("u1", [2, 0], ["a"])
+        source.put_item("a", [2, 0, 0])
+        source.moved_on = True  # ... and has already moved to a third model when asked: nothing is written
+        with pytest.raises(RuntimeError, match="moved to another model"):
+            pub.publish_once()
+        assert sample(registry, "freshtower_publish_failures_total") == 1
+        with store.reader() as view:
+            assert (view.version(), view.meta().model_version) == (1, "m1")
+        source.moved_on = False
+        meta = pub.publish_once().meta
+        assert source.asked == [("m2", ["u2", "u3"], ["b"])]
+        assert (meta.version, meta.model_version, meta.users, meta.items) == (2, "m2", 3, 2)
+        with store.reader() as view:
+            rows = dict(zip(["u1", "u2", "u3"], view.users(["u1", "u2", "u3"]), strict=True))
+            assert {u: r.version for u, r in rows.items()} == {"u1": 2, "u2": 2, "u3": 2}  # all in the switch
+            assert rows["u1"].vector.tolist() == [2, 0] and rows["u2"].vector.tolist() == [9, 9]
+            # A history the source no longer has stays; one it gives wins.
+            assert (rows["u2"].last_n, rows["u3"].last_n) == (("b", "a"), ("h",))
+            assert view.item("b").vector.tolist() == [0, 9, 0] and view.item("b").version == 2
+        assert pub.index.search(np.array([[0.0, 1.0, 0.0]], np.float32), 1)[0] == [["b"]]
+        # The next cycle under the same model asks for nothing more.
+        source.put_user("u1", [3, 0], ["a"])
+        pub.publish_once()
+        assert len(source.asked) == 1
 
 
 # ------------------------------------------------------------------------------ torn versions

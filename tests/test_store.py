@@ -119,6 +119,16 @@ def test_next_version_updates_removes_and_reports_changes(store):
         assert view.changes_since(2).users == {} and view.changes_since(2).items == {}
         items_only = view.items_since(1)
         assert items_only.users == {} and set(items_only.items) == {"x", "y"}
+        # Live ids only: the tombstones of b and x are not listed.
+        assert (view.user_ids(), view.item_ids()) == (["a"], ["y"])
+
+
+def test_ids_list_every_live_row_sorted(store):
+    with store.reader() as view:
+        assert (view.user_ids(), view.item_ids()) == ([], [])
+    store.apply(V1)
+    with store.reader() as view:
+        assert (view.user_ids(), view.item_ids()) == (["a", "b"], ["x"])
 
 
 def test_changes_since_is_right_beyond_the_change_log(store):

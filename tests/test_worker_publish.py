@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import signal
 import struct
 import subprocess
@@ -36,8 +37,9 @@ from streaming.learner import IncrementalLearner
 from streaming.sources.synthetic import WorldConfig
 from streaming.state import StateStore
 from streaming.worker import Worker, WorkerSettings
-from tests.worker_fixtures import produce, register_model, run_to_idle, split_world
+from tests.worker_fixtures import produce, promote_second_version, register_model, run_to_idle, split_world
 from trainer.artifact import ModelVersion, load_version
+from trainer.registry import Registry
 
 REPO = Path(__file__).resolve().parents[1]
 WORLD = WorldConfig(seed=3, n_users=150, n_items=200, days=2.0, requests_per_day=600, new_items_per_day=20)
@@ -402,3 +404,63 @@ def test_a_worker_closing_between_two_pulls_leaves_no_torn_read_and_idle_checkpo
             assert reason in caplog.text
         assert pulled(source.changes_since(str(now))) == (12, 12000, {})
     state.close()
+
+
+@pytest.mark.kafka
+def test_a_model_switch_rewrites_the_rows_of_users_the_worker_forgot(kafka_settings, tmp_path, world):
+    # A worker with room for 20 user rows (every clicking user admitted) forgets users (row and last-N) as others
+    # click. Published while the worker held them, their rows stay in the store; when v2 replaces v1, the version
+    # that switches the model must rewrite them too.
+    day_one, day_two, shared_models, _ = world
+    models = tmp_path / "models"
+    shutil.copytree(shared_models, models)
+    registry = Registry(models)
+    settings = WorkerSettings(
+        state_dir=tmp_path / "state",
+        models_dir=models,
+        group_id=f"w-{uuid.uuid4().hex[:8]}",
+        batch_size=32,
+        sync=False,
+        min_count=1,
+        max_rows=20,
+        expire_every_batches=1,
+    )
+    pub_settings = PublisherSettings(store_path=tmp_path / "kv", interval_s=1.0, index_kind="flat")
+    clicks = [e for e in day_two if isinstance(e, Click)]
+    cutoff = clicks[len(clicks) // 2].ts_ms
+    with RocksStore(pub_settings.store_path, sync=False) as store:
+        published: set[str] = set()
+        for part in ([e for e in day_two if e.ts_ms <= cutoff], [e for e in day_two if e.ts_ms > cutoff]):
+            produce(kafka_settings, part)
+            worker = Worker(kafka_settings, settings, load_version(registry.path("v1")), registry=registry)
+            run_to_idle(worker)
+            with WorkerSource(settings.state_dir, models) as source:
+                assert Publisher(store, source, pub_settings).publish_once().meta.model_version == "v1"
+            with store.reader() as view:
+                published |= set(view.user_ids())
+
+        promote_second_version(registry, day_one + [e for e in day_two if e.ts_ms <= cutoff], cutoff)
+        v2 = load_version(registry.path("v2"))
+        worker = Worker(kafka_settings, settings, v2, registry=registry)
+        run_to_idle(worker)  # the restart adopts v2 and replays the clicks after its cutoff
+        tracked = {u for u in published if u in worker.builder.last_n or u in worker.learner.users}
+        forgotten = published - tracked
+        assert len(forgotten) >= 20  # the path under test is taken, for many users
+
+        with WorkerSource(settings.state_dir, models) as source:
+            switch = Publisher(store, source, pub_settings).publish_once().meta
+        assert switch.model_version == "v2"
+        with store.reader() as view:
+            user_ids, item_ids = view.user_ids(), view.item_ids()
+            users = dict(zip(user_ids, view.users(user_ids), strict=True))
+            items = view.items(item_ids)
+    assert set(user_ids) == published
+    # One version switched every row: nothing of v1 is left for a reader to mix with v2.
+    assert {r.version for r in users.values()} == {switch.version}
+    assert {r.version for r in items} == {switch.version}
+    weight = v2.model.user_tower.id_table.weight.detach().numpy()
+    for user_id in forgotten:
+        np.testing.assert_array_equal(users[user_id].vector, weight[v2.encoder.user_vocab.index(user_id)])
+    for user_id in tracked:
+        if user_id in worker.learner.users:
+            np.testing.assert_array_equal(users[user_id].vector, worker.learner.users.row(user_id))

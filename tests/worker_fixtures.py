@@ -49,6 +49,19 @@ def register_model(root: Path, day_one: list[Event]) -> Registry:
     return registry
 
 
+def promote_second_version(registry: Registry, events: list, cutoff_ms: int) -> None:
+    """v2: vocabularies from ``events`` (day one and the morning of day two), a different initialisation."""
+    dataset = Dataset.from_events(events)
+    encoder = FeatureEncoder.fit(dataset)
+    model = TwoTowerModel(encoder, ModelConfig(dim=16, id_dim=16, embedding_dim=8, hidden=(32,), seed=1))
+    version = make_version(
+        model, encoder, dataset.items, version_id="v2", parent="v1", data_range=(0, cutoff_ms), data_cutoff_ms=cutoff_ms
+    )
+    with registry.new_version("v2") as staging:
+        save_version(staging, version)
+    registry.promote("v2")
+
+
 def produce(settings: KafkaSettings, events: list[Event]) -> None:
     with EventProducer(settings) as producer:
         producer.send_all(events)
