@@ -36,10 +36,10 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
 from streaming.consumer import check_record
-from streaming.events import Click, Event, Impression, InvalidEvent, Item, Limits, UserProfile
+from streaming.events import Event, InvalidEvent, Item, Limits, UserProfile
 from streaming.settings import KafkaSettings
 
-__all__ = ["DayTruncated", "KafkaDay", "as_of", "read_day"]
+__all__ = ["DayTruncated", "KafkaDay", "ReadStats", "as_of", "iter_day", "read_day"]
 
 logger = logging.getLogger(__name__)
 
@@ -152,10 +152,29 @@ def _read(consumer: KafkaConsumer, ranges: dict[TopicPartition, tuple[int, int]]
             raise TimeoutError(f"no records for {timeout_s:.0f} s while reading (position, stop) {left}")
 
 
-def read_day(
-    settings: KafkaSettings, day: dt.date, *, lateness_ms: int = 3_600_000, timeout_s: float = 60.0
-) -> KafkaDay:
-    """Read ``day`` (UTC) from the topics of ``settings``: see the module docstring."""
+@dataclass
+class ReadStats:
+    """What :func:`iter_day` read, filled in as it goes."""
+
+    records: int = 0  # records read from the topics
+    skipped: Counter[str] = field(default_factory=Counter)  # invalid records, by topic name
+    outside: int = 0  # clicks and impressions read that belong to another day
+    kept: int = 0  # events yielded
+
+
+def iter_day(
+    settings: KafkaSettings,
+    day: dt.date,
+    *,
+    lateness_ms: int = 3_600_000,
+    timeout_s: float = 60.0,
+    stats: ReadStats | None = None,
+) -> Iterator[Event]:
+    """The events of ``day`` (UTC) from the topics of ``settings`` (see the module docstring), streamed: first the
+    items and profiles as of the day's end (one record per id, held in memory to pick it), then the clicks and
+    impressions one at a time, so that a large day is never held whole. ``stats`` is filled in as it goes.
+    Raises :class:`DayTruncated` before yielding anything when retention has begun to delete the day."""
+    stats = stats if stats is not None else ReadStats()
     start_ms, end_ms = _day_bounds(day)
     limits = Limits(max_bytes=settings.max_record_bytes, max_future_ms=1 << 62)  # old events are not skewed
     consumer = KafkaConsumer(
@@ -165,43 +184,57 @@ def read_day(
         client_id="freshtower-full",
         max_partition_fetch_bytes=4 * 1024 * 1024,
     )
+
+    def valid(records: Iterable[ConsumerRecord]) -> Iterator[Event]:
+        for record in records:
+            stats.records += 1
+            try:
+                yield check_record(record.topic, record.key, record.value, settings, limits)
+            except InvalidEvent:
+                stats.skipped[record.topic] += 1
+
     try:
-        ranges: dict[TopicPartition, tuple[int, int]] = {}
+        behaviour: dict[TopicPartition, tuple[int, int]] = {}
         for name in BEHAVIOUR:
             tps = _partitions(consumer, settings.topic(name))
             ends = consumer.end_offsets(tps)
             _check_retained(consumer, tps, start_ms, ends)
             first = _offset_at(consumer, tps, start_ms, ends)
             stop = _offset_at(consumer, tps, end_ms + lateness_ms, ends)
-            ranges |= {tp: (first[tp], stop[tp]) for tp in tps}
+            behaviour |= {tp: (first[tp], stop[tp]) for tp in tps}
+        state: dict[TopicPartition, tuple[int, int]] = {}
         for name in STATE:
             tps = _partitions(consumer, settings.topic(name))
             begin, ends = consumer.beginning_offsets(tps), consumer.end_offsets(tps)
-            ranges |= {tp: (begin[tp], ends[tp]) for tp in tps}
-        behaviour: list[Event] = []
-        state: list[Item | UserProfile] = []
-        skipped: Counter[str] = Counter()
-        records = outside = 0
-        for record in _read(consumer, ranges, timeout_s):
-            records += 1
-            try:
-                event = check_record(record.topic, record.key, record.value, settings, limits)
-            except InvalidEvent:
-                skipped[record.topic] += 1
-                continue
-            if isinstance(event, Click | Impression):
-                if start_ms <= event.ts_ms < end_ms:
-                    behaviour.append(event)
-                else:
-                    outside += 1
+            state |= {tp: (begin[tp], ends[tp]) for tp in tps}
+        records = [e for e in valid(_read(consumer, state, timeout_s)) if isinstance(e, Item | UserProfile)]
+        for record in as_of(records, end_ms):
+            stats.kept += 1
+            yield record
+        del records
+        for event in valid(_read(consumer, behaviour, timeout_s)):
+            if start_ms <= event.ts_ms < end_ms:
+                stats.kept += 1
+                yield event
             else:
-                state.append(event)  # type: ignore[arg-type]
+                stats.outside += 1
     finally:
         consumer.close()
-    if skipped:
-        logger.warning("skipped invalid records (already dead-lettered by the worker): %s", dict(skipped))
-    events = [*as_of(state, end_ms), *behaviour]
+    if stats.skipped:
+        logger.warning("skipped invalid records (already dead-lettered by the worker): %s", dict(stats.skipped))
     logger.info(
-        "day %s from Kafka: %d records read, %d events kept, %d of other days", day, records, len(events), outside
+        "day %s from Kafka: %d records read, %d events kept, %d of other days",
+        day,
+        stats.records,
+        stats.kept,
+        stats.outside,
     )
-    return KafkaDay(events, records, skipped, outside)
+
+
+def read_day(
+    settings: KafkaSettings, day: dt.date, *, lateness_ms: int = 3_600_000, timeout_s: float = 60.0
+) -> KafkaDay:
+    """:func:`iter_day` as a list, with what was left out."""
+    stats = ReadStats()
+    events = list(iter_day(settings, day, lateness_ms=lateness_ms, timeout_s=timeout_s, stats=stats))
+    return KafkaDay(events, stats.records, stats.skipped, stats.outside)

@@ -11,8 +11,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient
 
 from streaming.archive import ArchiveWriter
-from streaming.events import Click, Event, Item, UserProfile, encode
-from streaming.kafka_day import DayTruncated, as_of, read_day
+from streaming.events import Click, Event, Impression, Item, UserProfile, encode
+from streaming.kafka_day import DayTruncated, ReadStats, as_of, iter_day, read_day
 from streaming.producer import EventProducer
 from streaming.settings import KafkaSettings
 from streaming.sources.synthetic import SyntheticWorld, WorldConfig
@@ -113,6 +113,14 @@ def test_kafka_day_equals_the_archived_day_but_the_straggler(streams: tuple[Kafk
     assert exposures == a_exposures and sum(exposures.values()) > 5_000
     assert items == a_items and users == a_users
     assert len(items) >= 200
+
+    # The trainer's path streams: the first click or impression comes before the rest of the day is read.
+    stats = ReadStats()
+    stream = iter_day(settings, DAY1, stats=stats)
+    first = next(e for e in stream if isinstance(e, Click | Impression))
+    assert DAY1_END - 86_400_000 <= first.ts_ms < DAY1_END
+    assert stats.records < read.records // 10
+    stream.close()
 
     # With no lateness allowed, the late click is left out too; a longer one brings the straggler in.
     strict = Dataset.from_events(read_day(settings, DAY1, lateness_ms=0).events)

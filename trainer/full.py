@@ -226,8 +226,8 @@ def _yesterday(requested: str | None) -> dt.date:
 
 def load_kafka_day(kafka: KafkaSettings, day: dt.date, lateness_s: float) -> Dataset:
     """The day's clicks and impressions, with the items and profiles as of its end, from the Kafka topics."""
-    read = kafka_day.read_day(kafka, day, lateness_ms=int(lateness_s * 1000))
-    return Dataset.from_events(read.events)
+    # Streamed: impressions become per-item counts as they are read, so the day is never held whole.
+    return Dataset.from_events(kafka_day.iter_day(kafka, day, lateness_ms=int(lateness_s * 1000)))
 
 
 def load_day(root: Path, day: dt.date) -> Dataset:
