@@ -199,3 +199,22 @@ def test_a_rollback_by_hand_during_the_run_is_not_undone(
     assert registry.current() == first.version_id  # ... and the rollback stands
     assert third.parent == second.version_id and third.version_id in {v.version_id for v in registry.list()}
     assert "changed by hand during the run" in third.message
+
+
+def test_the_default_day_is_not_learnt_twice(archive: Path, tmp_path: Path) -> None:
+    # Nightly runs without --day: the newest archived day before today. When the archive holds nothing newer than
+    # what the current version learnt (the sink stopped), the run says so instead of training the day again.
+    models = tmp_path / "models"
+    newest = dataclasses.replace(full_settings(archive, models, DAY1), day=None)
+    first = run_full(dataclasses.replace(newest, day=DAY1.isoformat()), MODEL, TRAIN)
+    second = run_full(newest, MODEL, TRAIN)  # day 2, the newest
+    assert second.outcome == "promoted" and second.parent == first.version_id
+    manifest = load_version(Registry(models).path(second.version_id)).manifest
+    assert manifest["metrics"]["day"] == DAY2.isoformat()
+    again = run_full(newest, MODEL, TRAIN)
+    assert (again.exit_code, again.outcome, again.version_id) == (EXIT_NO_DATA, "no_data", None)
+    assert f"nothing new: the newest archived day before today is {DAY2}" in again.message
+    assert "2024-01-03 00:00 UTC" in again.message and "is the archive sink running?" in again.message
+    assert Registry(models).current() == second.version_id and len(Registry(models).list()) == 2
+    # Asked for by name, the day is trained again.
+    assert run_full(dataclasses.replace(newest, day=DAY2.isoformat()), MODEL, TRAIN).outcome == "promoted"

@@ -68,6 +68,7 @@ from trainer.artifact import (
     load_version,
     make_version,
     new_version_id,
+    read_manifest,
     save_version,
 )
 from trainer.dataset import Dataset
@@ -77,7 +78,7 @@ from trainer.frequency import FrequencyEstimator
 from trainer.gate import GateConfig, GateDecision, decide, holdout_split
 from trainer.model import ModelConfig, TwoTowerModel
 from trainer.monitor import NightlyMonitor
-from trainer.registry import CurrentChanged, Registry
+from trainer.registry import CurrentChanged, Registry, RegistryError
 from trainer.train import TrainConfig, TrainStats, make_estimator, make_optimizer, train_epoch
 from trainer.warm_state import TrainingState
 
@@ -215,6 +216,17 @@ def pick_day(root: Path, requested: str | None, today: dt.date | None = None) ->
 
 def _day_start_ms(day: dt.date) -> int:
     return int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
+
+
+def _trained_until(registry: Registry, version_id: str | None) -> int | None:
+    """The end of the data ``version_id`` was trained on (its manifest's ``data_range``), or None."""
+    if version_id is None:
+        return None
+    try:
+        return int(read_manifest(registry.path(version_id))["data_range"]["end_ms"])
+    except (ArtifactError, RegistryError, KeyError, TypeError, ValueError) as exc:
+        logger.warning("current version %s: no readable data range (%s)", version_id, exc)
+        return None
 
 
 def _yesterday(requested: str | None) -> dt.date:
@@ -422,12 +434,6 @@ def _night(
 ) -> FullResult:
     if settings.source == "kafka":
         day = _yesterday(settings.day)
-        try:
-            dataset = load_kafka_day(kafka or KafkaSettings(), day, settings.kafka_lateness_s)
-        except kafka_day.DayTruncated as exc:
-            msg = f"day {day} is no longer whole in Kafka: {exc}"
-            logger.error(msg)
-            return FullResult(EXIT_NO_DATA, "no_data", message=msg)
     else:
         archived = pick_day(settings.archive_dir, settings.day)
         if archived is None:
@@ -435,6 +441,28 @@ def _night(
             logger.error(msg)
             return FullResult(EXIT_NO_DATA, "no_data", message=msg)
         day = archived
+    registry = Registry(settings.models_dir, keep=settings.keep_versions)
+    current_id = registry.current()
+    trained_until = _trained_until(registry, current_id)
+    if settings.day is None and trained_until is not None and trained_until >= _day_start_ms(day) + DAY_MS:
+        # The day picked by default is one the current version has learnt already: training it again would
+        # count it twice. Usually the archive has nothing newer because the sink stopped (FreshtowerArchiveBehind).
+        where = "the newest archived day before today" if settings.source == "archive" else "yesterday"
+        msg = (
+            f"nothing new: {where} is {day}, and the current version {current_id} was trained on data up to "
+            f"{dt.datetime.fromtimestamp(trained_until / 1000, dt.UTC):%Y-%m-%d %H:%M} UTC; is the archive sink "
+            f"running? (--day {day} trains on it again anyway)"
+        )
+        logger.error(msg)
+        return FullResult(EXIT_NO_DATA, "no_data", message=msg)
+    if settings.source == "kafka":
+        try:
+            dataset = load_kafka_day(kafka or KafkaSettings(), day, settings.kafka_lateness_s)
+        except kafka_day.DayTruncated as exc:
+            msg = f"day {day} is no longer whole in Kafka: {exc}"
+            logger.error(msg)
+            return FullResult(EXIT_NO_DATA, "no_data", message=msg)
+    else:
         dataset = load_day(settings.archive_dir, day)
     logger.info(
         "day %s: %d clicks, %d items, %d users", day, len(dataset.clicks), len(dataset.items), len(dataset.users)
@@ -450,12 +478,10 @@ def _night(
         logger.warning("no held-back slice (%s); training on the whole day", exc)
         split, train = None, dataset
 
-    registry = Registry(settings.models_dir, keep=settings.keep_versions)
-    current_id = registry.current()
     parent = load_version(registry.path(current_id)) if current_id else None
-    if parent is not None and parent.data_cutoff_ms >= _day_start_ms(day) + DAY_MS:
+    if trained_until is not None and trained_until > _day_start_ms(day):
         logger.warning(
-            "current version %s already saw data up to %d, past day %s", current_id, parent.data_cutoff_ms, day
+            "current version %s was trained on data up to %d, after day %s began", current_id, trained_until, day
         )
     model, encoder = _warm_start(parent, train, parent.model_config if parent else model_config)
     encoder, activity, rows, ids = _expire_ids(
