@@ -6,7 +6,8 @@
    are not re-sent daily; :mod:`streaming.archive_state` keeps a snapshot so that not every record ever
    archived is read each night). ``--source kafka`` reads the day from the Kafka topics by timestamp
    instead (:mod:`streaming.kafka_day`; default day: yesterday, UTC), for deployments whose topic retention
-   covers the day and that run no archive sink.
+   covers the day and that run no archive sink. A default day that the current version has already learnt
+   (its ``data_range``) is not trained again: the run ends with no data (exit code 4).
 2. Hold back the newest ``holdout_fraction`` of the day's clicks (by time) for the gate.
 3. Warm-start from the current version: its encoder extended with the new ids (old rows keep their index),
    its weights for known rows, new rows starting at the default row; or a fresh model when there is none.
