@@ -265,7 +265,9 @@ class ArchiveSink:
         self._newest_ms = max(self._newest_ms, event.ts_ms)
 
     def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
-        letter = DeadLetter(record.topic, record.partition, record.offset, record.key, record.value, reason)
+        letter = DeadLetter(
+            record.topic, record.partition, record.offset, record.key, record.value, reason, self.group_id
+        )
         logger.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, reason)
         future = self._dlq.send(
             self.kafka.topic(DEADLETTER), key=letter.key, value=letter.value, headers=letter.headers()

@@ -39,7 +39,12 @@ class Received:
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
-    """A record that failed validation, as it is written to the dead-letter topic."""
+    """A record that failed validation, as it is written to the dead-letter topic.
+
+    ``consumer``: the consumer group that found it. Every group that reads the topic (the workers, the archive
+    sink) validates the record and dead-letters it, so a bad record appears once per group; the header tells
+    the copies apart.
+    """
 
     topic: str
     partition: int
@@ -47,6 +52,7 @@ class DeadLetter:
     key: bytes | None
     value: bytes | None
     reason: str
+    consumer: str = ""
 
     def headers(self) -> list[tuple[str, bytes]]:
         return [
@@ -54,6 +60,7 @@ class DeadLetter:
             ("source.topic", self.topic.encode()),
             ("source.partition", str(self.partition).encode()),
             ("source.offset", str(self.offset).encode()),
+            ("consumer", self.consumer.encode()),
         ]
 
 
@@ -110,6 +117,7 @@ class EventConsumer:
         client_id: str = "freshtower-consumer",
     ) -> None:
         self.settings = settings
+        self.group_id = group_id
         self.limits = Limits(max_bytes=settings.max_record_bytes, max_future_ms=settings.max_future_ms)
         self.stats = ConsumerStats()
         self._consumer = KafkaConsumer(
@@ -153,7 +161,9 @@ class EventConsumer:
         return Received(record.topic, record.partition, record.offset, event)
 
     def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
-        letter = DeadLetter(record.topic, record.partition, record.offset, record.key, record.value, reason)
+        letter = DeadLetter(
+            record.topic, record.partition, record.offset, record.key, record.value, reason, self.group_id
+        )
         logger.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, reason)
         self._pending.append(
             self._dlq.send(self._dlq_topic, key=letter.key, value=letter.value, headers=letter.headers())

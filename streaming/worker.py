@@ -298,7 +298,9 @@ class Worker:
             reason = f"internal error while decoding: {type(exc).__name__}: {exc}"
         else:
             return _Queued(record.offset, event.ts_ms, event)
-        letter = DeadLetter(record.topic, record.partition, record.offset, record.key, record.value, reason)
+        letter = DeadLetter(
+            record.topic, record.partition, record.offset, record.key, record.value, reason, self.settings.group_id
+        )
         self._dead_letters.append(
             self._dlq.send(self.kafka.topic(DEADLETTER), key=letter.key, value=letter.value, headers=letter.headers())
         )

@@ -83,6 +83,7 @@ def test_each_bad_record_reaches_the_dead_letter_topic_with_its_reason(kafka_set
         assert (letter.key, letter.value) == (key, value)  # the original bytes, untouched
         assert headers["source.topic"] == clicks_topic
         assert int(headers["source.offset"]) == offset
+        assert headers["consumer"] == group  # which group found it: each group that reads the topic reports it
 
     # Offsets were committed after the dead letters were acknowledged: the group has nothing left.
     with EventConsumer(kafka_settings, group, ["clicks"]) as again:

@@ -9,7 +9,7 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer
 
 from streaming.events import Click, Impression, Item
 from streaming.settings import KafkaSettings
@@ -50,6 +50,18 @@ def test_dense_layers_stay_bit_identical_while_touched_id_rows_move(kafka_settin
     dead = worker.metrics.registry.get_sample_value
     assert dead("freshtower_dead_letters_total", {"topic": kafka_settings.topic("clicks")}) == 1
     assert dead("freshtower_dead_letters_total", {"topic": kafka_settings.topic("impressions")}) == 1
+    dlq = KafkaConsumer(
+        kafka_settings.topic("deadletter"),
+        bootstrap_servers=kafka_settings.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+    )
+    letters = [{k: v.decode() for k, v in m.headers} for m in dlq]
+    dlq.close()
+    assert sorted((h["source.topic"], h["consumer"]) for h in letters) == [
+        (kafka_settings.topic("clicks"), settings.group_id),
+        (kafka_settings.topic("impressions"), settings.group_id),
+    ]
     # Dense parameters: bit for bit what the full model shipped.
     dense_after = version.model.dense_parameters()
     assert len(dense_after) == len(dense_before) > 0
