@@ -38,10 +38,14 @@ OUTCOMES = ("promoted", "passed", "refused", "superseded", "diverged", "no_data"
 SUCCESS = ("promoted", "passed")
 
 
+def _running(registry: CollectorRegistry, value: int) -> None:
+    Gauge("freshtower_full_running", "1 while a nightly run is in progress", registry=registry).set(value)
+
+
 def start_registry(now_s: float) -> CollectorRegistry:
     """The metrics pushed when a run starts."""
     registry = CollectorRegistry()
-    Gauge("freshtower_full_running", "1 while a nightly run is in progress", registry=registry).set(1)
+    _running(registry, 1)
     Gauge(
         "freshtower_full_last_start_timestamp_seconds",
         "Wall-clock time the last nightly run started",
@@ -70,7 +74,7 @@ def end_registry(
     if outcome not in OUTCOMES:
         raise ValueError(f"outcome must be one of {OUTCOMES}, got {outcome!r}")
     r = CollectorRegistry()
-    Gauge("freshtower_full_running", "1 while a nightly run is in progress", registry=r).set(0)
+    _running(r, 0)
     result = Gauge(
         "freshtower_full_outcome", "1 for how the last nightly run ended, 0 for the others", ["outcome"], registry=r
     )
