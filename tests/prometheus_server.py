@@ -185,7 +185,8 @@ class Pushgateway(_ServerProcess):
 
     def argv(self, workdir: Path) -> list[str]:
         binary = find_binary("pushgateway", "prometheus-pushgateway")
-        return [binary, f"--web.listen-address={self.address}", "--log.level=warn"]
+        # Debian's build persists to /var/lib/prometheus by default: an empty file name keeps it in memory.
+        return [binary, f"--web.listen-address={self.address}", "--persistence.file=", "--log.level=warn"]
 
     def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         """Every sample the gateway exposes: ``{(name, frozenset(labels)): value}``."""
@@ -197,10 +198,20 @@ class Pushgateway(_ServerProcess):
             for sample in family.samples
         }
 
-    def value(self, name: str, **labels: str) -> float | None:
-        """The value of one pushed sample of job freshtower-full (the gateway adds ``instance=""``), or None."""
-        key = frozenset({"job": "freshtower-full", "instance": "", **labels}.items())
-        return self.metrics().get((name, key))
+    def value(self, name: str, *, instance: str | None = None, **labels: str) -> float | None:
+        """The value of one pushed sample of job freshtower-full in the group ``instance``, or None.
+
+        ``instance`` None: the gateway's only group of that job (an error when there are several)."""
+        found = {
+            dict(key)["instance"]: value
+            for (sample, key), value in self.metrics().items()
+            if sample == name
+            and dict(key).get("job") == "freshtower-full"
+            and {k: v for k, v in key if k not in ("job", "instance")} == labels
+            and (instance is None or dict(key)["instance"] == instance)
+        }
+        assert len(found) <= 1, f"{name} pushed by several instances: {sorted(found)}; name one"
+        return next(iter(found.values()), None)
 
 
 class PrometheusServer(_ServerProcess):

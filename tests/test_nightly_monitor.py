@@ -137,7 +137,8 @@ def test_runs_report_to_the_gateway_and_prometheus_alerts(archive: Path, tmp_pat
 
         assert poll(firing, 30, "FreshtowerNightlyFailed to fire") == ["no_data"]
         alert = next(a for a in prom.alerts() if a.name == "FreshtowerNightlyFailed")
-        assert alert.labels["job"] == "freshtower-full"  # the push's job label, honoured
+        assert alert.labels["job"] == "freshtower-full"  # the push's job and instance labels, honoured
+        assert alert.labels["instance"] == str(models.resolve())
 
         # The next night passes the gate against the current version: the alert clears.
         assert nightly(archive, models, config, "2024-01-02", gateway.address) == EXIT_PROMOTED
@@ -146,6 +147,30 @@ def test_runs_report_to_the_gateway_and_prometheus_alerts(archive: Path, tmp_pat
         poll(lambda: not any(a.name == "FreshtowerNightlyFailed" for a in prom.alerts()), 30, "the alert to clear")
         # Nothing else of the nightly group fires: the run ended, and it started moments ago.
         assert not [a.name for a in prom.alerts() if a.name.startswith("FreshtowerNightly")]
+
+
+def test_two_deployments_share_a_gateway(archive: Path, tmp_path: Path) -> None:
+    # Each models directory pushes to its own group: one night's outcome does not overwrite the other's.
+    config = tmp_path / "freshtower.toml"
+    config.write_text(CONFIG)
+    a, b = tmp_path / "a" / "models", tmp_path / "b" / "models"
+    with Pushgateway() as gateway:
+        assert nightly(archive, a, config, "2024-01-01", gateway.address) == EXIT_PROMOTED
+        assert nightly(archive, b, config, "2023-12-31", gateway.address) == EXIT_NO_DATA
+        g = gateway.value
+        assert g("freshtower_full_outcome", instance=str(a.resolve()), outcome="promoted") == 1
+        assert g("freshtower_full_outcome", instance=str(b.resolve()), outcome="no_data") == 1
+        assert g("freshtower_full_outcome", instance=str(b.resolve()), outcome="promoted") == 0
+        assert g("freshtower_full_last_success_timestamp_seconds", instance=str(a.resolve())) is not None
+        assert g("freshtower_full_last_success_timestamp_seconds", instance=str(b.resolve())) is None
+        # A name of one's own instead of the path.
+        argv = ["full", "--archive", str(archive), "--models", str(b), "--config", str(config), "--day", "2024-01-01"]
+        argv += ["--pushgateway", gateway.address, "--pushgateway-instance", "shop-eu", "--no-progress"]
+        assert main(argv) == EXIT_PROMOTED
+        assert g("freshtower_full_outcome", instance="shop-eu", outcome="promoted") == 1
+        assert g("freshtower_full_outcome", instance=str(b.resolve()), outcome="no_data") == 1  # untouched
+        with pytest.raises(AssertionError, match="several instances"):
+            g("freshtower_full_running")
 
 
 def test_an_exception_is_reported_as_error(archive: Path, tmp_path: Path) -> None:

@@ -123,7 +123,8 @@ class FullSettings:
     topics of the ``[kafka]`` settings, by timestamp; ``kafka_lateness_s``: how long after midnight, in
     event time, a record of the day may still arrive; see :mod:`streaming.kafka_day`). ``pushgateway``:
     ``host:port`` of a Prometheus Pushgateway that the run reports its start and outcome to
-    (:mod:`trainer.monitor`); None reports nothing.
+    (:mod:`trainer.monitor`); None reports nothing. ``pushgateway_instance``: the ``instance`` label of its series
+    (default: the models directory's absolute path), one group per deployment on a shared gateway.
     """
 
     archive_dir: Path = Path("data/archive")
@@ -142,6 +143,7 @@ class FullSettings:
     source: str = "archive"
     kafka_lateness_s: float = 3600.0
     pushgateway: str | None = None
+    pushgateway_instance: str | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -415,7 +417,10 @@ def run_full(
             msg = f"another trainer full (pid {holder}) is running on {settings.models_dir}; this one does nothing"
             logger.error(msg)
             return FullResult(EXIT_BUSY, "busy", message=msg)
-        monitor = NightlyMonitor(settings.pushgateway) if settings.pushgateway else None
+        monitor = None
+        if settings.pushgateway:
+            instance = settings.pushgateway_instance or str(settings.models_dir.resolve())
+            monitor = NightlyMonitor(settings.pushgateway, instance=instance)
         if monitor is not None:
             monitor.start()
         try:
@@ -601,6 +606,7 @@ def run(args: argparse.Namespace) -> int:
         "source": args.source,
         "kafka_lateness_s": args.kafka_lateness,
         "pushgateway": args.pushgateway,
+        "pushgateway_instance": args.pushgateway_instance,
         "promote": False if args.no_promote else None,
         "progress": False if args.no_progress else None,
     }
@@ -673,6 +679,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--pushgateway",
         metavar="HOST:PORT",
         help="Prometheus Pushgateway to report the run's start and outcome to (default: none)",
+    )
+    p.add_argument(
+        "--pushgateway-instance",
+        metavar="NAME",
+        help="instance label of the pushed series, one per deployment (default: the models directory's path)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)

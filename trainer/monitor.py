@@ -2,7 +2,8 @@
 
 ``python -m trainer full`` is a batch job: it is up for minutes a day, so Prometheus cannot scrape its outcome
 from it. With ``--pushgateway HOST:PORT`` (``[full] pushgateway``, ``FRESHTOWER_PUSHGATEWAY``) the run pushes
-twice to the group ``job="freshtower-full"``: when it starts (``running`` = 1 and the start time) and when it
+twice to the group ``job="freshtower-full", instance=<the models directory's absolute path>`` (or
+``--pushgateway-instance``), so nightly jobs of two deployments can share one gateway: when it starts (``running`` = 1 and the start time) and when it
 ends, however it ends (``running`` = 0, the outcome, the duration and, for a trained candidate, what it
 learnt and how the gate scored it). Prometheus scrapes the gateway (``honor_labels: true``) and the
 ``freshtower-nightly`` alerts watch the result:
@@ -129,12 +130,20 @@ def end_registry(
 
 
 class NightlyMonitor:
-    """Pushes a run's start and end to the Pushgateway at ``gateway`` (``host:port`` or a URL)."""
+    """Pushes a run's start and end to the Pushgateway at ``gateway`` (``host:port`` or a URL), in the group of
+    ``job`` and ``instance`` (one group per deployment: a push replaces the series of its own group only)."""
 
     def __init__(
-        self, gateway: str, *, timeout_s: float = 10.0, clock: Callable[[], float] = time.time, job: str = JOB
+        self,
+        gateway: str,
+        *,
+        instance: str = "",
+        timeout_s: float = 10.0,
+        clock: Callable[[], float] = time.time,
+        job: str = JOB,
     ) -> None:
         self.gateway = gateway
+        self.instance = instance
         self.timeout_s = timeout_s
         self.clock = clock
         self.job = job
@@ -153,7 +162,13 @@ class NightlyMonitor:
 
     def _push(self, registry: CollectorRegistry) -> bool:
         try:
-            pushadd_to_gateway(self.gateway, job=self.job, registry=registry, timeout=self.timeout_s)
+            pushadd_to_gateway(
+                self.gateway,
+                job=self.job,
+                registry=registry,
+                grouping_key={"instance": self.instance} if self.instance else None,
+                timeout=self.timeout_s,
+            )
         except (OSError, urllib.error.URLError, ValueError) as exc:
             # The model matters more than its report: log and go on.
             logger.warning("could not push metrics to the Pushgateway at %s: %s", self.gateway, exc)
