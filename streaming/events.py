@@ -13,6 +13,7 @@ what was expected and what arrived; the consumer sends such records to the dead-
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,6 +34,8 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 class InvalidEvent(ValueError):
@@ -131,7 +134,21 @@ def encode(event: Event) -> bytes:
 
 
 def decode(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> Event:
-    """Parse and validate one record. Raises :class:`InvalidEvent` with the reason."""
+    """Parse and validate one record. Raises :class:`InvalidEvent` with the reason, and nothing else.
+
+    A record that trips an unforeseen error in the parser is invalid too (reason ``internal error: ...``): a
+    consumer dead-letters it and goes on, where an escaped exception would stop it on the same record at every
+    restart."""
+    try:
+        return _decode(raw, limits)
+    except InvalidEvent:
+        raise
+    except Exception as exc:
+        logger.exception("decoding a record failed unexpectedly; it is treated as invalid")
+        raise InvalidEvent(f"internal error: {type(exc).__name__}: {exc}") from exc
+
+
+def _decode(raw: bytes | None, limits: Limits) -> Event:
     if raw is None:
         raise InvalidEvent("empty record: value is null")
     if len(raw) > limits.max_bytes:
@@ -143,10 +160,10 @@ def decode(raw: bytes | None, limits: Limits = DEFAULT_LIMITS) -> Event:
     if not isinstance(obj, dict):
         raise InvalidEvent(f"expected a JSON object, got {type(obj).__name__}")
     version = obj.get("v")
-    if version != SCHEMA_VERSION:
+    if type(version) is not int or version != SCHEMA_VERSION:  # not True, 1.0 or "1"
         raise InvalidEvent(f"unknown schema version {version!r}; this reader understands v{SCHEMA_VERSION}")
     kind = obj.get("type")
-    if kind not in _TYPES:
+    if not isinstance(kind, str) or kind not in _TYPES:  # a list or an object is unhashable: test the type first
         raise InvalidEvent(f"unknown event type {kind!r}; expected one of {sorted(_TYPES)}")
     return _PARSERS[kind](_Fields(obj, kind, limits))
 

@@ -84,6 +84,7 @@ class IncrementalLearner:
         self._load_frequency()
         self.batches = int(state.meta().get("batches", 0))
         self.examples = int(state.meta().get("examples", 0))
+        self.skipped = 0  # steps skipped for a non-finite loss since this process started
 
     def _table(
         self, name: str, weight: torch.Tensor, tokens: tuple[str, ...], settings: TableSettings
@@ -94,7 +95,9 @@ class IncrementalLearner:
 
     # ------------------------------------------------------------------ learning
     def learn_batch(self, examples: list[Example]) -> float:
-        """One SGD step on the ID rows touched by ``examples`` (in event-time order); returns the batch loss."""
+        """One SGD step on the ID rows touched by ``examples`` (in event-time order); returns the batch loss.
+
+        A loss that is not finite moves no row (``skipped`` counts such steps) and is returned as it is."""
         if not examples:
             return 0.0
         user_ids = [e.user_id for e in examples]
@@ -123,6 +126,14 @@ class IncrementalLearner:
         loss = listwise_loss(
             a, b, temperature=self.temperature, pos_log_q=log_q, pos_ids=torch.from_numpy(item_keys.astype(np.int64))
         ).mean()
+        if not torch.isfinite(loss):
+            # Through the softmax a NaN or inf reaches every row of the batch: better that none moves.
+            value = float(loss.detach())
+            self.skipped += 1
+            logger.warning(
+                "skipped an SGD step: the loss is %s (%d clicks, items %s...)", value, len(examples), item_ids[:5]
+            )
+            return value
         loss.backward()
         self.users.apply_gradients(user_slots, user_leaf.grad.numpy())
         self.items.apply_gradients(item_slots, item_leaf.grad.numpy())

@@ -18,6 +18,9 @@ class WorkerMetrics:
         self.dead_letters = Counter(
             "freshtower_dead_letters_total", "Records sent to the dead-letter topic", ["topic"], registry=r
         )
+        self.skipped_steps = Counter(
+            "freshtower_sgd_skipped_steps_total", "SGD steps skipped because the loss was not finite", registry=r
+        )
         self.duplicates = Counter("freshtower_duplicate_clicks_total", "Clicks dropped as duplicates", registry=r)
         self.sgd_seconds = Histogram(
             "freshtower_sgd_step_seconds",

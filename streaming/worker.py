@@ -21,6 +21,7 @@ import hashlib
 import heapq
 import json
 import logging
+import math
 import socket
 import threading
 import time
@@ -385,8 +386,11 @@ class Worker:
     def _train(self) -> None:
         batch, self.pending = self.pending, []
         with self.metrics.sgd_seconds.time():
-            self.learner.learn_batch(batch)
-        self.metrics.examples.inc(len(batch))
+            loss = self.learner.learn_batch(batch)
+        if math.isfinite(loss):
+            self.metrics.examples.inc(len(batch))
+        else:
+            self.metrics.skipped_steps.inc()
         if self.learner.batches % self.settings.expire_every_batches == 0:
             self.learner.expire(self.builder.watermark_ms)
             self.builder.expire()

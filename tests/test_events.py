@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from streaming import events
 from streaming.events import (
     SCHEMA_VERSION,
     Click,
@@ -66,7 +70,11 @@ def _click(**changes):
         (None, "empty record"),
         (_click(v=2), "unknown schema version 2"),
         (_click(v=...), "unknown schema version None"),
+        (_click(v=True), "unknown schema version True"),
+        (_click(v=1.0), "unknown schema version 1.0"),
         (_click(type="purchase"), "unknown event type 'purchase'"),
+        (_click(type=["click"]), "unknown event type ['click']"),
+        (_click(type={"click": 1}), "unknown event type {'click': 1}"),
         (_click(user_id=...), "click: missing field 'user_id'"),
         (_click(user_id=17), "click.user_id: expected a non-empty string"),
         (_click(user_id=""), "click.user_id: expected a non-empty string"),
@@ -102,3 +110,86 @@ def test_nested_feature_errors_name_the_field():
     user["multi"]["topics"] = "jazz"
     with pytest.raises(InvalidEvent, match=r"user.multi.topics: expected a list of at most 256 strings, got str"):
         decode(json.dumps(user).encode(), LIMITS)
+
+
+ODD_VALUES = [
+    None,
+    0,
+    -1,
+    1.5,
+    10**30,
+    2**63,
+    1e308,
+    "",
+    "\u0000",
+    "é" * 300,
+    [],
+    {},
+    [1, "a"],
+    {"a": [1]},
+    True,
+    [[[]]],
+]
+
+
+def _paths(obj: Any, path: tuple = ()) -> Iterator[tuple]:
+    yield path
+    children = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, list) else ()
+    for key, value in children:
+        yield from _paths(value, (*path, key))
+
+
+def _mutate(body: Any, path: tuple, rng: random.Random) -> Any:
+    """``body`` with the value at ``path`` replaced by an odd one, or deleted."""
+    if not path:
+        return json.loads(json.dumps(rng.choice(ODD_VALUES)))
+    parent = body
+    for key in path[:-1]:
+        parent = parent[key]
+    if isinstance(parent, dict) and rng.random() < 0.2:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = json.loads(json.dumps(rng.choice(ODD_VALUES)))
+    return body
+
+
+def test_mutated_records_decode_or_say_why():
+    # Whatever a producer writes, decode returns a valid event or raises InvalidEvent with a reason: any other
+    # exception would escape the dead-letter path and stop the worker (a list as "type" once did).
+    rng = random.Random(0)
+    outcomes = {"valid": 0, "invalid": 0}
+    for event in GOOD:
+        good = json.loads(encode(event))
+        paths = list(_paths(good))
+        for _ in range(1500):
+            body = json.loads(json.dumps(good))
+            for _ in range(rng.randint(1, 3)):
+                path = rng.choice(paths)
+                try:
+                    body = _mutate(body, path, rng)
+                except (KeyError, IndexError, TypeError):  # the path went away with an earlier mutation
+                    pass
+            raw = json.dumps(body).encode()
+            flipped = bytearray(raw)
+            flipped[rng.randrange(len(raw))] = rng.randrange(256)
+            for record in (raw, bytes(flipped), raw[: rng.randrange(len(raw))]):
+                try:
+                    decoded = decode(record, LIMITS)
+                except InvalidEvent as exc:
+                    assert exc.reason and not exc.reason.startswith("internal error")  # foreseen, said precisely
+                    outcomes["invalid"] += 1
+                else:
+                    assert decode(encode(decoded), LIMITS) == decoded
+                    outcomes["valid"] += 1
+    assert outcomes["valid"] > 100 and outcomes["invalid"] > 10_000  # both paths were exercised
+
+
+def test_an_unforeseen_parser_error_is_an_invalid_record(monkeypatch, caplog):
+    # A bug in a parser must not escape decode: the consumer would stop on the same record at every restart.
+    def broken(fields):
+        raise KeyError("boom")
+
+    monkeypatch.setitem(events._PARSERS, "click", broken)
+    with pytest.raises(InvalidEvent, match=r"^internal error: KeyError: 'boom'$"):
+        decode(_click(), LIMITS)
+    assert "treated as invalid" in caplog.text

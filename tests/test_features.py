@@ -220,6 +220,22 @@ def test_long_tailed_numbers_are_log_transformed() -> None:
     assert specs["stats.rank"].transform == "standard"
 
 
+def test_extreme_values_are_clipped_not_overflowed() -> None:
+    # Training prices 1, 2, 3 (mean 2, std sqrt(2/3)): 3 -> 1.2247; 1e300 and -1e300 are valid numbers whose
+    # z-scores overflow float32 into inf (and the tower into NaN); they enter as +10 / -10. Missing -> 0.
+    train = [_item(f"i{k}", "c", (), {"price": float(k)}) for k in (1, 2, 3)]
+    spec = ContinuousFeature("stats.price", "stats.price")
+    encoder = FeatureEncoder.fit(Dataset.from_events(train), (IdFeature("user_id"),), (IdFeature("item_id"), spec))
+    catalogue = {
+        "a": _item("a", "c", (), {"price": 3.0}),
+        "b": _item("b", "c", (), {"price": 1e300}),
+        "c": _item("c", "c", (), {"price": -1e300}),
+        "d": _item("d", "c", (), {}),
+    }
+    values = encoder.encode_items(["a", "b", "c", "d"], catalogue).values["stats.price"]
+    assert values.tolist() == pytest.approx([1 / math.sqrt(2 / 3), 10.0, -10.0, 0.0])
+
+
 def test_specs_are_validated() -> None:
     ds = catalogue_dataset()
     with pytest.raises(ValueError, match="exactly one IdFeature"):

@@ -38,6 +38,7 @@ from streaming.events import Item, UserProfile
 from trainer.dataset import Dataset
 
 __all__ = [
+    "CONTINUOUS_CLIP",
     "ContinuousFeature",
     "DiscreteFeature",
     "FeatureBatch",
@@ -56,6 +57,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ENCODER_FORMAT = 1
+# Bound of a standardised continuous value, in training standard deviations. The training data of the bundled data
+# sets stays within ±9 (MovieLens-100K's release years reach -4.7; the synthetic world's log lengths +8.7).
+CONTINUOUS_CLIP = 10.0
 
 
 # --------------------------------------------------------------------------------------------------- specs
@@ -94,7 +98,9 @@ class ContinuousFeature:
 
     ``"standard"``: ``(x - mean) / std``; ``"log"``: the same on ``log1p(max(x, 0))`` (long tails: prices,
     counts, account ages); ``"bucket"``: ``num_buckets`` buckets between training quantiles, embedded.
-    A missing value enters as 0 (the training mean) or as bucket 0.
+    A missing value enters as 0 (the training mean) or as bucket 0. Standardised values are clipped to
+    ``±CONTINUOUS_CLIP``: one valid but extreme record (a price of 1e300) must not overflow the tower into NaN,
+    which would poison every row of its batch.
     """
 
     name: str
@@ -635,4 +641,5 @@ def _transform_continuous(spec: ContinuousFeature, stats: Mapping[str, Any], raw
     x = np.where(present, raw, 0.0)
     if spec.transform == "log":
         x = np.log1p(np.maximum(x, 0.0))
-    return np.where(present, (x - stats["mean"]) / stats["std"], 0.0)
+    z = np.clip((x - stats["mean"]) / stats["std"], -CONTINUOUS_CLIP, CONTINUOUS_CLIP)
+    return np.where(present, z, 0.0)

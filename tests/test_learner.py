@@ -1,0 +1,56 @@
+"""The online learner on its own (no broker): a step that would write NaN into the ID rows is skipped."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streaming.examples import ExampleBuilder, ExampleSettings
+from streaming.learner import IncrementalLearner, LearnerSettings
+from streaming.sources.synthetic import WorldConfig
+from streaming.state import StateStore
+from tests.worker_fixtures import split_world
+from trainer.dataset import Dataset
+from trainer.features import FeatureEncoder
+from trainer.model import ModelConfig, TwoTowerModel
+
+torch.set_num_threads(1)
+WORLD = WorldConfig(seed=4, n_users=60, n_items=80, days=2.0, requests_per_day=800)
+
+
+def test_a_non_finite_loss_moves_no_row(tmp_path: Path) -> None:
+    _, day_one, day_two = split_world(WORLD)
+    encoder = FeatureEncoder.fit(Dataset.from_events(day_one))
+    model = TwoTowerModel(encoder, ModelConfig(dim=8, id_dim=8, embedding_dim=4, hidden=(16,)))
+    state = StateStore(tmp_path / "state", sync=False)
+    builder = ExampleBuilder(ExampleSettings(last_n=5), state)
+    learner = IncrementalLearner(model, encoder, builder, LearnerSettings(batch_size=8), state)
+    examples = [x for x in (builder.add(e) for e in day_two) if x is not None]
+    assert len(examples) >= 16
+
+    def rows(batch: list) -> list[np.ndarray]:
+        users = sorted({x.user_id for x in batch})
+        items = sorted({x.item_id for x in batch})
+        return [learner.users.row(u).copy() for u in users] + [learner.items.row(i).copy() for i in items]
+
+    # A healthy step moves the rows it touches.
+    first = examples[:8]
+    before = rows(first)
+    assert math.isfinite(learner.learn_batch(first))
+    assert all(not np.array_equal(a, b) for a, b in zip(before, rows(first), strict=True))
+    assert (learner.batches, learner.skipped) == (1, 0)
+
+    # A frozen dense weight gone bad (NaN): the loss is NaN, and not one row of the batch takes it.
+    linear = next(m for m in model.item_tower.modules() if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        linear.weight[0, 0] = math.nan
+    second = examples[8:16]
+    before = rows(second)
+    assert math.isnan(learner.learn_batch(second))
+    after = rows(second)
+    assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
+    assert all(np.isfinite(r).all() for r in after)
+    assert (learner.batches, learner.examples, learner.skipped) == (1, 8, 1)
