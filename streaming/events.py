@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -36,6 +37,7 @@ __all__ = [
 SCHEMA_VERSION = 1
 
 logger = logging.getLogger(__name__)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class InvalidEvent(ValueError):
@@ -159,6 +161,13 @@ def _decode(raw: bytes | None, limits: Limits) -> Event:
         raise InvalidEvent(f"not valid UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise InvalidEvent(f"expected a JSON object, got {type(obj).__name__}")
+    if _SURROGATE_ESCAPE.search(raw):
+        # JSON lets "\ud800" stand alone; Python then holds a string that UTF-8 (RocksDB keys, Parquet, the
+        # re-encoded record) refuses. A proper pair ("\ud83d\ude00", an emoji) is fine.
+        try:
+            json.dumps(obj, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise InvalidEvent("a string holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)") from None
     version = obj.get("v")
     if type(version) is not int or version != SCHEMA_VERSION:  # not True, 1.0 or "1"
         raise InvalidEvent(f"unknown schema version {version!r}; this reader understands v{SCHEMA_VERSION}")

@@ -39,6 +39,13 @@ def test_round_trip(event):
     assert decode(encode(event), LIMITS) == event
 
 
+def test_escaped_surrogate_pairs_are_characters():
+    # "\ud83d\ude00" is one character (an emoji) written as a UTF-16 pair: valid, unlike a lone half.
+    raw = _click(user_id="u\U0001f600")
+    assert b"\\ud83d\\ude00" in raw
+    assert decode(raw, LIMITS).user_id == "u\U0001f600"
+
+
 def test_encoding_is_versioned_json():
     body = json.loads(encode(GOOD[1]))
     assert body == {
@@ -84,6 +91,8 @@ def _click(**changes):
         (_click(ts_ms=-5), "click.ts_ms: negative timestamp -5"),
         (_click(ts_ms=NOW + 48 * 3_600_000), "click.ts_ms: timestamp 1700172800000 is 48.0 h in the future"),
         (_click(extra="x"), "click: unknown field(s) ['extra']"),
+        (_click(user_id="u\ud800"), "lone UTF-16 surrogate"),
+        (_click(request_id="\udfff"), "lone UTF-16 surrogate"),
         (_click(item_id="x" * 300), "click.item_id: expected a non-empty string of at most 256 chars"),
         (_click(request_id="r" * 20_000), "payload is 20"),
     ],
@@ -122,6 +131,7 @@ ODD_VALUES = [
     1e308,
     "",
     "\u0000",
+    "\ud800",
     "é" * 300,
     [],
     {},
