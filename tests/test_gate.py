@@ -140,4 +140,10 @@ def test_first_version_and_missing_holdout(current: ModelVersion, day: tuple[Dat
     # Without held-back clicks a candidate cannot be compared, so it never replaces a current version.
     blind = decide(current, current, None, GATE)
     assert not blind.accepted
-    assert blind.reasons == ["no held-back clicks to compare against the current version current"]
+    assert blind.reasons == [
+        "no held-back clicks of users with a history to compare against the current version current"
+    ]
+    # Held-back clicks of new users only: nothing can be scored, which is the same as no held-back clicks.
+    cold = dataclasses.replace(day[1], users=[], relevant=[])
+    assert decide(current, None, cold, GATE).reasons == first.reasons
+    assert decide(current, current, cold, GATE).reasons == blind.reasons

@@ -148,10 +148,15 @@ def decide(
     """Decide whether ``candidate`` may replace ``current`` (None: there is no current version).
 
     ``split``: the held-back slice; None when the day had too few clicks to hold any back, in which case a
-    candidate can only replace nothing (the first version), never a current one.
+    candidate can only replace nothing (the first version), never a current one. A slice without a user to
+    score (every held-back click is a user's first) counts as None.
     """
     key = f"recall@{config.recall_k}"
     reasons = check_finite(candidate)
+    if split is not None and not split.users:
+        # Held-back clicks, but all of users without a click before them: nothing to score (the metrics would
+        # be NaN, and a sound first version refused for it). The same as no held-back clicks at all.
+        split = None
     cand_metrics: dict[str, float] = {}
     cur_metrics: dict[str, float] | None = None
     if split is not None:
@@ -165,7 +170,9 @@ def decide(
             return GateDecision(True, reasons, cand_metrics, None)
         return GateDecision(False, reasons, cand_metrics, None)
     if split is None:
-        reasons.append(f"no held-back clicks to compare against the current version {current.version_id}")
+        reasons.append(
+            f"no held-back clicks of users with a history to compare against the current version {current.version_id}"
+        )
         return GateDecision(False, reasons, cand_metrics, None)
     cur_metrics = evaluate_version(current, split, config.recall_k)
     if reasons:
