@@ -11,7 +11,7 @@ import pytest
 import torch
 from kafka import KafkaConsumer, KafkaProducer
 
-from streaming.events import Click, Impression, Item
+from streaming.events import Click, Impression, Item, UserProfile
 from streaming.settings import KafkaSettings
 from streaming.topics import ensure_topics
 from streaming.worker import Worker, WorkerSettings
@@ -74,6 +74,48 @@ def test_dense_layers_stay_bit_identical_while_touched_id_rows_move(kafka_settin
     base = ids_before[0].numpy()
     moved = [not np.allclose(worker.learner.users.row(u), base[users_vocab.index(u)]) for u in clicked_users]
     assert len(moved) > 50 and all(moved)
+
+
+def test_extreme_valid_events_and_poison_records_leave_every_row_finite(kafka_settings, tmp_path, world_split):
+    _, day_one, _ = world_split
+    registry = register_model(tmp_path / "models", day_one)
+    version = load_version(registry.path("v1"))
+    start = day_one[-1].ts_ms + 1000
+    # Valid events at the edges of their contracts: an age of 1e300 (standardised, it would overflow float32),
+    # a price of 1e300 and a length of 1e-300, ids of 256 characters and ids beyond the BMP.
+    odd_user, long_user = "odd-\U0001f600", "u" * 256
+    odd_item, long_item = "i-\U0001f3b7", "i" * 256
+    events: list = [
+        UserProfile(odd_user, {"city": "c1"}, {}, {"age": 1e300, "tenure_days": 1e300}, start),
+        UserProfile(long_user, {}, {}, {"age": -1e300}, start),
+        Item(odd_item, "c0", ("t1",), {"price": 1e300, "length": 1e-300}, start, start),
+        Item(long_item, "c1", (), {"price": -1e300}, start, start),
+    ]
+    items = [odd_item, long_item, *[e.item_id for e in day_one if isinstance(e, Item)][:6]]
+    for k in range(48):
+        user = (odd_user, long_user)[k % 2]
+        ts = start + 1000 + k * 1000
+        events += [Impression(user, items[k % 8], f"r{k}", 0, ts), Click(user, items[k % 8], f"r{k}", ts + 1)]
+    produce(kafka_settings, events)
+    raw = KafkaProducer(bootstrap_servers=kafka_settings.bootstrap_servers)
+    raw.send(kafka_settings.topic("clicks"), key=b"u1", value=b'{"v": 1, "type": ["click"]}')
+    raw.send(kafka_settings.topic("clicks"), key=b"u1", value=b'{"v": 1, "type": "click", "user_id": "\\ud800"}')
+    raw.close()
+
+    settings = WorkerSettings(state_dir=tmp_path / "state", group_id=f"w-{uuid.uuid4().hex[:8]}", batch_size=8)
+    worker = Worker(kafka_settings, settings, version)
+    run_to_idle(worker)
+
+    learner = worker.learner
+    assert learner.examples == 48 and learner.skipped == 0
+    get = worker.metrics.registry.get_sample_value
+    assert get("freshtower_dead_letters_total", {"topic": kafka_settings.topic("clicks")}) == 2
+    assert get("freshtower_sgd_skipped_steps_total") == 0
+    default = version.model.user_tower.id_table.weight[0].detach().numpy()
+    for user in (odd_user, long_user):
+        assert user in learner.users and np.isfinite(learner.users.row(user)).all()
+        assert not np.allclose(learner.users.row(user), default)  # admitted and trained, not stuck
+    assert all(np.isfinite(learner.items.row(i)).all() for i in items)
 
 
 def test_new_ids_get_rows_train_and_expire_within_the_bound(kafka_settings, tmp_path, world_split):
