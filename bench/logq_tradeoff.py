@@ -15,7 +15,7 @@ model of the same seed: only the ranking changes, so they cost no training.
 Writes ``bench/results/logq_tradeoff.json`` (every point of every seed, and the means) and ``.png`` (head vs tail
 Recall@20 and overall Recall@20 against the strength, one row per data set).
 
-    .venv/bin/python bench/logq_tradeoff.py [--datasets synthetic,ml100k] [--seeds 3] [--epochs 5]
+    .venv/bin/python bench/logq_tradeoff.py [--datasets synthetic,ml100k] [--seeds 3] [--epochs N]
 """
 
 from __future__ import annotations
@@ -37,10 +37,18 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from trainer.evaluate import NDCG_KS, RECALL_KS, SPLIT_KS, EvalConfig, TemporalSplit, load_dataset  # noqa: E402
+from trainer.evaluate import (  # noqa: E402
+    NDCG_KS,
+    RECALL_KS,
+    SPLIT_KS,
+    EvalConfig,
+    TemporalSplit,
+    default_epochs,
+    load_dataset,
+)
 from trainer.metrics import ranking_metrics  # noqa: E402
 from trainer.model import ModelConfig  # noqa: E402
-from trainer.retriever import DEFAULT_EPOCHS, TwoTowerRetriever  # noqa: E402
+from trainer.retriever import TwoTowerRetriever  # noqa: E402
 from trainer.train import TrainConfig  # noqa: E402
 
 logger = logging.getLogger("bench.logq_tradeoff")
@@ -144,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="synthetic,ml100k", help="comma-separated: synthetic, ml100k")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (default 3)")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="two-tower epochs (as in eval)")
+    parser.add_argument("--epochs", type=int, help="two-tower epochs (default: those of trainer eval per data set)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "logq_tradeoff.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -155,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in datasets:
         raw[dataset] = []
         for seed in range(args.seeds):
-            for point in sweep(dataset, seed, args.epochs, BETAS, GAMMAS):
+            for point in sweep(dataset, seed, args.epochs or default_epochs(dataset), BETAS, GAMMAS):
                 raw[dataset].append({"seed": seed, **point})
                 logger.info(
                     "%s seed %d %s %.2f: recall@20 %.4f head %.4f tail %.4f",
@@ -171,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "python bench/logq_tradeoff.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
-        "epochs": args.epochs,
+        "epochs": {d: args.epochs or default_epochs(d) for d in datasets},
         "seeds": args.seeds,
         "elapsed_s": round(time.perf_counter() - t0, 1),
         "summary": summary,

@@ -51,13 +51,14 @@ from trainer.evaluate import (  # noqa: E402
     SPLIT_KS,
     EvalConfig,
     TemporalSplit,
+    default_epochs,
     load_dataset,
     temporal_split,
 )
 from trainer.metrics import hit_matrix, ranking_metrics, recall_per_user  # noqa: E402
 from trainer.model import ModelConfig  # noqa: E402
 from trainer.peers import ALS, Popularity, Recommender  # noqa: E402
-from trainer.retriever import DEFAULT_EPOCHS, TwoTowerRetriever  # noqa: E402
+from trainer.retriever import TwoTowerRetriever  # noqa: E402
 from trainer.train import TrainConfig  # noqa: E402
 
 logger = logging.getLogger("bench.serving_prior")
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", default="ml100k,synthetic", help="comma-separated: ml100k, synthetic")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
+    parser.add_argument("--epochs", type=int, help="two-tower epochs (default: those of trainer eval per data set)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "serving_prior.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "command": "python bench/serving_prior.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__},
-        "epochs": args.epochs,
+        "epochs": {d: args.epochs or default_epochs(d) for d in datasets},
         "seeds": args.seeds,
         "grid": {
             "gamma": {n: list(grid_of(n)) for n in ("two_tower", "als")},
@@ -218,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     for dataset in datasets:
         # 1. validation: mean grid over seeds, per model; 2. the best point of each.
-        per_seed = [validate(dataset, s, args.epochs) for s in tqdm(range(args.seeds), desc=f"validate {dataset}")]
+        epochs = args.epochs or default_epochs(dataset)
+        per_seed = [validate(dataset, s, epochs) for s in tqdm(range(args.seeds), desc=f"validate {dataset}")]
         grids = {name: np.mean([g[name] for g in per_seed], axis=0) for name in per_seed[0]}
         points: dict[str, tuple[str, float, float]] = {}
         for name, grid in grids.items():
@@ -226,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             points[f"{name}+prior"] = (name, grid_of(name)[gi], HALF_LIVES[hi])
             logger.info("%s %s: validation picks gamma %g, half-life %g d", dataset, name, *points[f"{name}+prior"][1:])
         # 3. test, never looked at before
-        runs = [test(dataset, s, args.epochs, points) for s in tqdm(range(args.seeds), desc=f"test {dataset}")]
+        runs = [test(dataset, s, epochs, points) for s in tqdm(range(args.seeds), desc=f"test {dataset}")]
         names = [n for n in runs[0] if n not in ("paired", "test_users")]
         mean = {n: {k: round(float(np.mean([r[n][k] for r in runs])), 4) for k in KEYS} for n in names}
         sd = {

@@ -208,6 +208,27 @@ def test_retriever_excludes_training_clicks_and_items_created_later() -> None:
     assert retriever.user_vectors(users, cut).shape == (20, MODEL.dim)
 
 
+def test_one_staged_fit_stops_where_plain_fits_end() -> None:
+    # A fit that stops after 1 and after 2 epochs recommends, at each stop, what a plain fit of 1 or 2 epochs does:
+    # an epoch depends only on (seed, epoch), and the optimizer has no schedule.
+    torch.set_num_threads(1)
+    ds = dataset()
+    cut = WORLD.start_ms + DAY_MS
+    train = ds.between(None, cut)
+    users = sorted(set(train.clicks.user.tolist()))[:30]
+    staged = TwoTowerRetriever(MODEL, TRAIN)
+    at = {}
+    for epochs in staged.fit_stages(train, [1, 2]):
+        at[epochs] = staged.recommend(users, 20, cut)
+    assert sorted(at) == [1, 2] and at[1] != at[2]
+    for epochs in (1, 2):
+        plain = TwoTowerRetriever(MODEL, TRAIN, epochs=epochs)
+        plain.fit(train)
+        assert plain.recommend(users, 20, cut) == at[epochs]
+    with pytest.raises(ValueError, match="counts >= 1"):
+        next(staged.fit_stages(train, [0, 2]))
+
+
 def test_retriever_beats_popularity_on_a_synthetic_world() -> None:
     torch.set_num_threads(1)
     ds = dataset()

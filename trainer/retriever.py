@@ -18,7 +18,7 @@ its age taken at the request time: the prior follows what is popular now rather 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -91,12 +91,21 @@ class TwoTowerRetriever:
 
     def fit(self, train: Dataset) -> None:
         """Fit the encoder, train a fresh model for ``epochs`` epochs and precompute the catalogue's vectors."""
+        for _ in self.fit_stages(train, [self.epochs]):
+            pass
+
+    def fit_stages(self, train: Dataset, epochs: Sequence[int]) -> Iterator[int]:
+        """One training run for ``max(epochs)`` epochs that stops at each count in ``epochs``: the retriever then
+        answers ``recommend`` exactly as if it had been fit with that many epochs, and the count is yielded.
+        An epoch-count search (``bench/tune_two_tower.py``) scores every count with one run."""
+        if not epochs or min(epochs) < 1:
+            raise ValueError(f"epochs must be counts >= 1, got {list(epochs)}")
         encoder = FeatureEncoder.fit(train, last_n=self.model_config.last_n)
         model = TwoTowerModel(encoder, self.model_config)
         optimizer = make_optimizer(model, self.train_config)
         estimator = make_estimator(self.train_config)
         self.stats = []
-        for epoch in range(self.epochs):
+        for epoch in range(max(epochs)):
             stats = train_epoch(
                 model,
                 encoder,
@@ -108,6 +117,12 @@ class TwoTowerRetriever:
                 epoch=epoch,
             )
             self.stats.append(stats)
+            if epoch + 1 in epochs:
+                self._ready(model, encoder, train)
+                yield epoch + 1
+
+    def _ready(self, model: TwoTowerModel, encoder: FeatureEncoder, train: Dataset) -> None:
+        """Catalogue, histories and item vectors of ``model`` as it is now."""
         self._model, self._encoder, self._train = model, encoder, train
         self._history = ClickHistory(train.clicks, encoder.item_vocab)
         self._item_ids = sorted(train.items) if train.items else sorted(set(train.clicks.item.tolist()))
