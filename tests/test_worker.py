@@ -9,14 +9,14 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer
 
 from streaming.events import Click, Impression, Item, UserProfile
 from streaming.settings import KafkaSettings
 from streaming.topics import ensure_topics
 from streaming.worker import Worker, WorkerSettings
 from tests.conftest import Broker, free_port
-from tests.worker_fixtures import produce, register_model, run_to_idle, split_world, wait_for
+from tests.worker_fixtures import produce, produce_raw, register_model, run_to_idle, split_world, wait_for
 from trainer.artifact import load_version
 
 pytestmark = pytest.mark.kafka
@@ -35,10 +35,7 @@ def test_dense_layers_stay_bit_identical_while_touched_id_rows_move(kafka_settin
     ids_before = [p.detach().clone() for p in version.model.id_embedding_parameters()]
     produce(kafka_settings, day_two)
     # Two malformed records in the middle of the stream: dead-lettered, the stream goes on around them.
-    raw = KafkaProducer(bootstrap_servers=kafka_settings.bootstrap_servers)
-    raw.send(kafka_settings.topic("clicks"), key=b"u1", value=b'{"v": 1, "type": "click"')
-    raw.send(kafka_settings.topic("impressions"), key=b"u1", value=b'{"v": 9}')
-    raw.close()
+    produce_raw(kafka_settings, [("clicks", b"u1", b'{"v": 1, "type": "click"'), ("impressions", b"u1", b'{"v": 9}')])
 
     settings = WorkerSettings(state_dir=tmp_path / "state", group_id=f"w-{uuid.uuid4().hex[:8]}", batch_size=64)
     worker = Worker(kafka_settings, settings, version)
@@ -97,10 +94,8 @@ def test_extreme_valid_events_and_poison_records_leave_every_row_finite(kafka_se
         ts = start + 1000 + k * 1000
         events += [Impression(user, items[k % 8], f"r{k}", 0, ts), Click(user, items[k % 8], f"r{k}", ts + 1)]
     produce(kafka_settings, events)
-    raw = KafkaProducer(bootstrap_servers=kafka_settings.bootstrap_servers)
-    raw.send(kafka_settings.topic("clicks"), key=b"u1", value=b'{"v": 1, "type": ["click"]}')
-    raw.send(kafka_settings.topic("clicks"), key=b"u1", value=b'{"v": 1, "type": "click", "user_id": "\\ud800"}')
-    raw.close()
+    poison = [b'{"v": 1, "type": ["click"]}', b'{"v": 1, "type": "click", "user_id": "\\ud800"}']
+    produce_raw(kafka_settings, [("clicks", b"u1", value) for value in poison])
 
     settings = WorkerSettings(state_dir=tmp_path / "state", group_id=f"w-{uuid.uuid4().hex[:8]}", batch_size=8)
     worker = Worker(kafka_settings, settings, version)

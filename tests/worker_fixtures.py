@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from kafka import KafkaProducer
 
 from streaming.archive_sink import ArchiveSink
 from streaming.events import Event
@@ -65,6 +66,14 @@ def promote_second_version(registry: Registry, events: list, cutoff_ms: int) -> 
 def produce(settings: KafkaSettings, events: list[Event]) -> None:
     with EventProducer(settings) as producer:
         producer.send_all(events)
+
+
+def produce_raw(settings: KafkaSettings, records: list[tuple[str, bytes, bytes]]) -> None:
+    """``(topic kind, key, value)`` records sent as they are, past the producer's validation (malformed input)."""
+    raw = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+    for kind, key, value in records:
+        raw.send(settings.topic(kind), key=key, value=value)
+    raw.close()
 
 
 def read_state(path: Path) -> dict[str, object]:
