@@ -421,7 +421,6 @@ def run_full(
         if settings.pushgateway:
             instance = settings.pushgateway_instance or str(settings.models_dir.resolve())
             monitor = NightlyMonitor(settings.pushgateway, instance=instance)
-        if monitor is not None:
             monitor.start()
         try:
             result = _night(settings, model_config, train_config, kafka)
