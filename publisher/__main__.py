@@ -18,7 +18,6 @@ import argparse
 import importlib
 import json
 import logging
-import signal
 import sys
 import threading
 import time
@@ -33,6 +32,7 @@ from publisher.publish import Publisher
 from publisher.settings import PublisherSettings
 from publisher.source import ChangeSource, MemorySource, RandomWalk
 from publisher.store import RocksSecondary, RocksStore
+from streaming.lifecycle import ProcessGuard, run_main
 from streaming.settings import KafkaSettings, load_settings
 
 if TYPE_CHECKING:  # imported when used: it brings torch and the model, which the other commands do not need
@@ -59,16 +59,9 @@ def _kafka(args: argparse.Namespace) -> KafkaSettings:
     return load_settings(KafkaSettings, section="kafka", config=args.config, overrides=overrides)
 
 
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
-
-    def handle(signum: int, _frame: object) -> None:
-        logger.info("received %s: stopping after the current cycle", signal.Signals(signum).name)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handle)
-    signal.signal(signal.SIGINT, handle)
-    return stop
+def _guard(name: str) -> ProcessGuard:
+    """SIGTERM/SIGINT stop the process after its current cycle, and within seconds even when a cycle hangs."""
+    return ProcessGuard(name).install()
 
 
 def _serve_metrics(registry: CollectorRegistry, settings: PublisherSettings) -> Any:
@@ -77,7 +70,7 @@ def _serve_metrics(registry: CollectorRegistry, settings: PublisherSettings) -> 
     return server
 
 
-def _publish(args: argparse.Namespace, source: ChangeSource, stop: threading.Event) -> int:
+def _publish(args: argparse.Namespace, source: ChangeSource, guard: ProcessGuard) -> int:
     settings = _settings(args)
     registry = CollectorRegistry()
     server = _serve_metrics(registry, settings)
@@ -86,8 +79,9 @@ def _publish(args: argparse.Namespace, source: ChangeSource, stop: threading.Eve
     try:
         publisher = Publisher(store, source, settings, fanout=fanout, registry=registry)
         logger.info("publishing to %s every %g s", settings.store_path, settings.interval_s)
-        publisher.run(stop)
+        publisher.run(guard.stop)
     finally:
+        guard.done()
         if fanout is not None:
             fanout.close()
         store.close()
@@ -118,9 +112,8 @@ def _worker_source(args: argparse.Namespace) -> WorkerSource:
 def cmd_run(args: argparse.Namespace) -> int:
     if args.source == "worker":
         source = _worker_source(args)
-        stop = _stop_on_signals()
         try:
-            return _publish(args, source, stop)
+            return _publish(args, source, _guard("publisher"))
         finally:
             source.close()
     if args.worker_state is not None or args.models is not None:
@@ -129,12 +122,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not name:
         raise SystemExit(f"--source: expected 'worker' or MODULE:FACTORY, got {args.source!r}")
     factory = getattr(importlib.import_module(module), name)
-    stop = _stop_on_signals()
-    return _publish(args, factory(_settings(args)), stop)
+    return _publish(args, factory(_settings(args)), _guard("publisher"))
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    stop = _stop_on_signals()
+    guard = _guard("publisher")
+    stop = guard.stop
     source = MemorySource(model_version=args.model_version)
     walk = RandomWalk(source, users=args.users, items=args.items, dim=args.dim, seed=args.seed)
     driver = threading.Thread(
@@ -146,20 +139,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         timer.daemon = True  # a SIGTERM before the duration must not wait for it
         timer.start()
     try:
-        return _publish(args, source, stop)
+        return _publish(args, source, guard)
     finally:
         stop.set()
         driver.join()
 
 
 def cmd_replica(args: argparse.Namespace) -> int:
-    stop = _stop_on_signals()
+    guard = _guard("replica")
     settings = _settings(args)
     store = RocksStore(settings.store_path, sync=settings.sync_writes, changelog_versions=settings.changelog_versions)
     replica = Replica(_kafka(args), store, topic=settings.fanout_topic)
     try:
-        replica.run(stop)
+        replica.run(guard.stop)
     finally:
+        guard.done()
         replica.close()
         store.close()
     return 0
@@ -243,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU feature it tries
     logging.getLogger("kafka").setLevel(logging.WARNING)
-    return args.run(args)
+    return run_main(f"publisher {args.command}", lambda: args.run(args))
 
 
 if __name__ == "__main__":

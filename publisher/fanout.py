@@ -30,6 +30,7 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from publisher.records import Delta, Meta, Publish, decode_item, decode_user, encode_item, encode_user
 from publisher.store import Store
+from streaming.lifecycle import RetryBudget
 from streaming.settings import KafkaSettings
 from streaming.topics import connect_admin, wait_for_metadata
 
@@ -74,7 +75,7 @@ class Fanout:
     def _connect(self) -> KafkaProducer:
         if self._producer is None:
             producer = KafkaProducer(
-                bootstrap_servers=self._kafka.bootstrap_servers,
+                **self._kafka.producer_config(),
                 transactional_id=self._transactional_id,
                 acks="all",
                 linger_ms=20,
@@ -126,7 +127,7 @@ class Replica:
         ensure_fanout_topic(kafka, self.topic)
         self._tp = TopicPartition(self.topic, 0)
         self._consumer = KafkaConsumer(
-            bootstrap_servers=kafka.bootstrap_servers,
+            **kafka.client_config(),
             group_id=None,
             enable_auto_commit=False,
             isolation_level="read_committed",
@@ -210,9 +211,18 @@ class Replica:
                 )
             self.poll(timeout_s=0.2)
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, *, retry_s: float = 120.0) -> None:
+        """Apply versions as they arrive until ``stop`` is set. Kafka errors are retried for ``retry_s``; one that
+        retrying cannot mend (a batch the client cannot read) raises :class:`~streaming.lifecycle.KafkaStalled`."""
+        budget = RetryBudget(f"poll of {self.topic}", retry_s)
         while not stop.is_set():
-            self.poll(timeout_s=0.5)
+            try:
+                self.poll(timeout_s=0.5)
+            except KafkaError as exc:
+                budget.failed(exc)
+                stop.wait(0.5)
+                continue
+            budget.ok()
 
     def close(self) -> None:
         self._consumer.close()

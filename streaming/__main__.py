@@ -18,6 +18,7 @@ from tqdm import tqdm
 from streaming.archive_sink import add_arguments as add_archive_arguments
 from streaming.consumer import EventConsumer
 from streaming.events import Event
+from streaming.lifecycle import run_main
 from streaming.producer import EventProducer
 from streaming.replay import replay
 from streaming.settings import KafkaSettings, load_settings
@@ -127,11 +128,9 @@ def cmd_archive(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run the incremental learner until SIGTERM/SIGINT (or until the stream stays idle)."""
-    import signal
-    import threading
-
     from prometheus_client import start_http_server
 
+    from streaming.lifecycle import ProcessGuard
     from streaming.worker import Worker, WorkerSettings
     from trainer.artifact import load_version
     from trainer.registry import Registry
@@ -160,10 +159,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     worker = Worker(kafka, settings, version, registry=registry)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_addr, registry=worker.metrics.registry)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    worker.run(stop, exit_when_idle_s=args.exit_when_idle)
+    guard = ProcessGuard("worker", stall_s=settings.stall_timeout_s).install()
+    try:
+        worker.run(guard.stop, exit_when_idle_s=args.exit_when_idle, beat=guard.beat)
+    finally:
+        guard.done()
     print(json.dumps(worker.summary(), sort_keys=True))
     return 0
 
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     # kafka-python warns whenever our own work delays its event loop by 100 ms; that is expected here.
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
-    return int(args.run(args) or 0)
+    return run_main(f"streaming {args.command}", lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -39,12 +39,11 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +56,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from streaming.archive import ArchiveWriter, StagedFile, publish
 from streaming.consumer import DeadLetter, RebalanceCallbacks, check_record
 from streaming.events import Event, InvalidEvent, Limits
+from streaming.lifecycle import ProcessGuard, RetryBudget, run_main
 from streaming.settings import KafkaSettings, load_settings
 from streaming.topics import DEADLETTER, EVENT_TOPICS
 
@@ -89,6 +89,12 @@ class SinkMetrics:
         self.watermark = Gauge(
             "freshtower_archive_watermark_timestamp_seconds", "Newest event time made durable", registry=r
         )
+        self.kafka_errors = Counter(
+            "freshtower_kafka_errors_total", "Failed Kafka client calls, by error", ["error"], registry=r
+        )
+
+    def count_kafka_error(self, exc: BaseException) -> None:
+        self.kafka_errors.labels(type(exc).__name__).inc()
 
 
 def _key(topic: str, partition: int) -> str:
@@ -126,6 +132,7 @@ class ArchiveSink:
         *,
         metrics: SinkMetrics | None = None,
         session_timeout_ms: int = 15_000,
+        retry_s: float = 120.0,
     ) -> None:
         if not _GROUP_RE.match(group_id):
             raise ValueError(
@@ -141,6 +148,7 @@ class ArchiveSink:
         self.flush_every_s = flush_every_s
         self.flush_every_events = flush_every_events
         self.metrics = metrics or SinkMetrics()
+        self._poll_budget = RetryBudget("poll of the event topics", retry_s, on_failure=self.metrics.count_kafka_error)
         self._dir = self.root / "_sink" / group_id
         self._staging = self._dir / "staging"
         self._state_path = self._dir / "state.json"
@@ -161,7 +169,7 @@ class ArchiveSink:
         try:
             self._offsets: dict[str, int] = self._recover()  # durable: "topic:partition" -> next offset to archive
             self._consumer = KafkaConsumer(
-                bootstrap_servers=kafka_settings.bootstrap_servers,
+                **kafka_settings.client_config(),
                 group_id=group_id,
                 # Static membership (KIP-345): a restarted sink takes its partitions back at once.
                 group_instance_id=self._member_id(),
@@ -173,9 +181,7 @@ class ArchiveSink:
                 max_partition_fetch_bytes=max(1 << 20, 4 * kafka_settings.max_record_bytes),
                 reconnect_backoff_max_ms=2000,
             )
-            self._dlq = KafkaProducer(
-                bootstrap_servers=kafka_settings.bootstrap_servers, acks="all", linger_ms=5, retries=10**9
-            )
+            self._dlq = KafkaProducer(**kafka_settings.producer_config(), acks="all", linger_ms=5, retries=10**9)
             topics = [kafka_settings.topic(name) for name in EVENT_TOPICS.values()]
             self._consumer.subscribe(topics, listener=RebalanceCallbacks(self._on_assigned, self._on_revoked))
         except BaseException:
@@ -339,16 +345,28 @@ class ArchiveSink:
             logger.info("group offset commit skipped: %s", exc)
 
     # ------------------------------------------------------------------ loop
-    def run(self, stop: threading.Event, *, exit_when_idle_s: float | None = None) -> None:
-        """Poll, buffer and flush until ``stop`` is set or, with ``exit_when_idle_s``, no record came for that long."""
+    def run(
+        self,
+        stop: threading.Event,
+        *,
+        exit_when_idle_s: float | None = None,
+        beat: Callable[[], None] | None = None,
+    ) -> None:
+        """Poll, buffer and flush until ``stop`` is set or, with ``exit_when_idle_s``, no record came for that long.
+
+        ``beat`` is called every cycle (a :class:`~streaming.lifecycle.ProcessGuard`'s watchdog). Kafka errors that
+        outlast the retry budget or cannot be retried raise :class:`~streaming.lifecycle.KafkaStalled`."""
         try:
             while not stop.is_set():
+                if beat is not None:
+                    beat()
                 try:
                     batches = self._consumer.poll(timeout_ms=200, max_records=5000)
-                except KafkaError as exc:  # the broker is away; the client reconnects on the next poll
-                    logger.warning("poll failed (%s); retrying", exc)
+                except KafkaError as exc:  # retried within the budget; a batch it cannot read raises KafkaStalled
+                    self._poll_budget.failed(exc)
                     time.sleep(0.5)
                     continue
+                self._poll_budget.ok()
                 now = time.monotonic()
                 for records in batches.values():
                     for record in records:
@@ -399,6 +417,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on PORT (0: off)")
     parser.add_argument("--metrics-addr", default="127.0.0.1", help="address the /metrics server binds")
     parser.add_argument("--exit-when-idle", type=float, help="exit after this many seconds without a record")
+    parser.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        default=300.0,
+        help="exit (69) when the main loop has not come round for this long, stuck in a Kafka call (0: off)",
+    )
 
 
 def run_sink(args: argparse.Namespace, kafka: KafkaSettings) -> int:
@@ -417,10 +441,11 @@ def run_sink(args: argparse.Namespace, kafka: KafkaSettings) -> int:
     )
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_addr, registry=sink.metrics.registry)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    sink.run(stop, exit_when_idle_s=args.exit_when_idle)
+    guard = ProcessGuard("archive sink", stall_s=args.stall_timeout_s).install()
+    try:
+        sink.run(guard.stop, exit_when_idle_s=args.exit_when_idle, beat=guard.beat)
+    finally:
+        guard.done()
     print(json.dumps({"flushes": sink.flushes, "offsets": sink.offsets()}, sort_keys=True))
     return 0
 
@@ -442,7 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config=args.config,
         overrides={"bootstrap_servers": args.bootstrap, "topic_prefix": args.topic_prefix},
     )
-    return run_sink(args, kafka)
+    return run_main("archive sink", lambda: run_sink(args, kafka))
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ class EventConsumer:
         self.stats = ConsumerStats()
         self._consumer = KafkaConsumer(
             *[settings.topic(t) for t in topics],
-            bootstrap_servers=settings.bootstrap_servers,
+            **settings.client_config(),
             group_id=group_id,
             client_id=client_id,
             enable_auto_commit=False,
@@ -131,9 +131,7 @@ class EventConsumer:
             # dead-letter topic) rather than stall the fetcher.
             max_partition_fetch_bytes=max(1 << 20, 4 * settings.max_record_bytes),
         )
-        self._dlq = KafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers, acks="all", linger_ms=5, client_id=f"{client_id}-dlq"
-        )
+        self._dlq = KafkaProducer(**settings.producer_config(), acks="all", linger_ms=5, client_id=f"{client_id}-dlq")
         self._dlq_topic = settings.topic(DEADLETTER)
         self._pending: list = []  # dead-letter send futures not yet confirmed
 

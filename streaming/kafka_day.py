@@ -178,7 +178,7 @@ def iter_day(
     start_ms, end_ms = _day_bounds(day)
     limits = Limits(max_bytes=settings.max_record_bytes, max_future_ms=1 << 62)  # old events are not skewed
     consumer = KafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
+        **settings.client_config(),
         group_id=None,
         enable_auto_commit=False,
         client_id="freshtower-full",

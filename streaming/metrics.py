@@ -39,6 +39,14 @@ class WorkerMetrics:
             "freshtower_checkpoint_timestamp_seconds", "Wall-clock time of the last checkpoint", registry=r
         )
         self.buffered = Gauge("freshtower_buffered_events", "Events fetched and not yet applied", registry=r)
+        self.progress = Gauge(
+            "freshtower_progress_timestamp_seconds",
+            "Wall-clock time the worker last applied events or found nothing to apply (FreshtowerWorkerStalled)",
+            registry=r,
+        )
+        self.kafka_errors = Counter(
+            "freshtower_kafka_errors_total", "Failed Kafka client calls, by error", ["error"], registry=r
+        )
         # The model the online rows start from: how fresh the nightly side is (FreshtowerModelStale).
         self.model = Info("freshtower_model", "The model version the worker updates", registry=r)
         self.model_cutoff = Gauge(
@@ -56,6 +64,9 @@ class WorkerMetrics:
             "Model versions adopted while running (promotions, rollbacks)",
             registry=r,
         )
+
+    def count_kafka_error(self, exc: BaseException) -> None:
+        self.kafka_errors.labels(type(exc).__name__).inc()
 
     def observe_model(self, version_id: str, data_cutoff_ms: int, created_ms: int) -> None:
         """Record the model version now in use."""

@@ -26,7 +26,7 @@ class EventProducer:
     def __init__(self, settings: KafkaSettings, *, linger_ms: int = 20, batch_size: int = 256 * 1024) -> None:
         self.settings = settings
         self._producer = KafkaProducer(
-            bootstrap_servers=settings.bootstrap_servers,
+            **settings.producer_config(),
             acks="all",
             linger_ms=linger_ms,
             batch_size=batch_size,

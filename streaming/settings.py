@@ -14,7 +14,7 @@ import os
 import tomllib
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,9 @@ __all__ = ["KafkaSettings", "SettingsError", "load_settings"]
 
 T = TypeVar("T")
 ENV_PREFIX = "FRESHTOWER_"
+COMPRESSION_CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 class SettingsError(ValueError):
@@ -43,9 +46,79 @@ class KafkaSettings:
     retention_ms: int = -1
     max_record_bytes: int = 16 * 1024
     max_future_ms: int = 24 * 3600 * 1000
+    # Producers compress their batches with this codec; consumers read every codec whatever it says.
+    compression: str = "none"
+    # How every client reaches the cluster: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
+    security_protocol: str = "PLAINTEXT"
+    ssl_cafile: Path | None = None  # the CA that signed the brokers' certificates (default: the system's)
+    ssl_certfile: Path | None = None  # client certificate (PEM) for mutual TLS
+    ssl_keyfile: Path | None = None  # its private key (PEM)
+    ssl_check_hostname: bool = True
+    sasl_mechanism: str = "PLAIN"  # PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512
+    sasl_username: str = ""
+    # The password: FRESHTOWER_KAFKA_SASL_PASSWORD, or a file (a mounted secret) named by sasl_password_file.
+    # Never part of the repr, so settings can be logged.
+    sasl_password: str = field(default="", repr=False)
+    sasl_password_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSION_CODECS:
+            raise SettingsError(f"kafka compression: expected one of {COMPRESSION_CODECS}, got {self.compression!r}")
+        if self.security_protocol not in SECURITY_PROTOCOLS:
+            raise SettingsError(
+                f"kafka security_protocol: expected one of {SECURITY_PROTOCOLS}, got {self.security_protocol!r}"
+            )
+        if self.security_protocol.startswith("SASL_"):
+            if self.sasl_mechanism not in SASL_MECHANISMS:
+                raise SettingsError(
+                    f"kafka sasl_mechanism: expected one of {SASL_MECHANISMS}, got {self.sasl_mechanism!r}"
+                )
+            if not self.sasl_username:
+                raise SettingsError(f"kafka security_protocol {self.security_protocol} needs sasl_username")
+            if not self.sasl_password and self.sasl_password_file is None:
+                raise SettingsError(
+                    f"kafka security_protocol {self.security_protocol} needs a password: FRESHTOWER_KAFKA_SASL_PASSWORD"
+                    " or sasl_password_file"
+                )
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
+            raise SettingsError("kafka ssl_certfile and ssl_keyfile go together (mutual TLS needs both)")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "sasl_password_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise SettingsError(f"kafka {name}: {path} is not a readable file")
 
     def topic(self, name: str) -> str:
         return f"{self.topic_prefix}{name}"
+
+    def client_config(self) -> dict[str, Any]:
+        """Keyword arguments that every Kafka client of the project takes: where the cluster is and how to reach it.
+
+        The password is read here (from the setting or its file), each time a client is made, so a rotated
+        secret file is picked up by the next client."""
+        config: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "security_protocol": self.security_protocol,
+        }
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            config["ssl_check_hostname"] = self.ssl_check_hostname
+            if self.ssl_cafile is not None:
+                config["ssl_cafile"] = str(self.ssl_cafile)
+            if self.ssl_certfile is not None:
+                config["ssl_certfile"] = str(self.ssl_certfile)
+                config["ssl_keyfile"] = str(self.ssl_keyfile)
+        if self.security_protocol.startswith("SASL_"):
+            password = self.sasl_password
+            if self.sasl_password_file is not None:
+                password = Path(self.sasl_password_file).read_text().strip()
+            config["sasl_mechanism"] = self.sasl_mechanism
+            config["sasl_plain_username"] = self.sasl_username
+            config["sasl_plain_password"] = password
+        return config
+
+    def producer_config(self) -> dict[str, Any]:
+        """:meth:`client_config` plus the batch codec producers use."""
+        codec = None if self.compression == "none" else self.compression
+        return {**self.client_config(), "compression_type": codec}
 
 
 def _convert(name: str, raw: Any, hint: Any) -> Any:

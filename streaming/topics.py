@@ -80,7 +80,7 @@ def connect_admin(settings: KafkaSettings, client_id: str, deadline: float) -> K
     """An admin client, retrying until ``deadline`` (time.monotonic()) while the broker is not up yet."""
     while True:
         try:
-            return KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id=client_id)
+            return KafkaAdminClient(**settings.client_config(), client_id=client_id)
         except KafkaError as exc:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}") from exc

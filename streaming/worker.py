@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from streaming.consumer import DeadLetter, RebalanceCallbacks, check_record
 from streaming.events import Click, Event, InvalidEvent, Limits
 from streaming.examples import Example, ExampleBuilder, ExampleSettings
 from streaming.learner import IncrementalLearner, LearnerSettings
+from streaming.lifecycle import RetryBudget
 from streaming.metrics import WorkerMetrics
 from streaming.settings import KafkaSettings
 from streaming.state import StateStore
@@ -85,6 +86,10 @@ class WorkerSettings:
     start_at_cutoff: bool = True
     session_timeout_ms: int = 15_000
     record_cache: int = 100_000
+    # Kafka errors are retried for this long, then the worker exits (69) for its supervisor to restart it.
+    retry_s: float = 120.0
+    # A main loop that has not come round for this long (stuck inside a client call) is ended (69). 0: off.
+    stall_timeout_s: float = 300.0
 
     def member_id(self) -> str:
         """Static group membership (KIP-345): a restarted worker takes its partitions back at once instead of
@@ -169,8 +174,14 @@ class Worker:
         self._last_model_check = time.monotonic()
         self._status = (time.monotonic(), 0)  # (when, events applied) of the last status line
         self.applied = 0
+        # Wall-clock time of the last progress (events applied, or nothing left to apply). Kept in the checkpoint,
+        # so a worker that restarts and stalls again keeps reporting how long it has been stuck.
+        self._progress_s = float(meta.get("progress_s", time.time()))
+        self._poll_budget = RetryBudget(
+            "poll of the event topics", settings.retry_s, on_failure=self.metrics.count_kafka_error
+        )
         common = {
-            "bootstrap_servers": kafka.bootstrap_servers,
+            **kafka.client_config(),
             "enable_auto_commit": False,
             "auto_offset_reset": "earliest",
             "max_partition_fetch_bytes": max(1 << 20, 4 * kafka.max_record_bytes),
@@ -189,7 +200,7 @@ class Worker:
         )
         # The catalogue is global: every worker reads every partition of the items topic, outside the group.
         self._catalogue = KafkaConsumer(group_id=None, client_id="freshtower-worker-items", **common)
-        self._dlq = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all", linger_ms=5, retries=10**9)
+        self._dlq = KafkaProducer(**kafka.producer_config(), acks="all", linger_ms=5, retries=10**9)
         self._dead_letters: list = []  # send futures not yet confirmed; a checkpoint waits for them
         self._assigned_items = False
         self._update_gauges()
@@ -273,10 +284,11 @@ class Worker:
                 # parked for a resumed partition (kafka-python 3.0), which stalls a paused partition
                 # for good. fetch_max_bytes bounds what one poll brings instead.
                 batches = consumer.poll(timeout_ms=timeout_ms, max_records=1 << 30)
-            except KafkaError as exc:  # the broker is away; the client reconnects on the next poll
-                logger.warning("poll failed (%s); retrying", exc)
+            except KafkaError as exc:  # retried within the budget; a batch it cannot read raises KafkaStalled
+                self._poll_budget.failed(exc)
                 time.sleep(0.5)
                 continue
+            self._poll_budget.ok()
             for tp, records in batches.items():
                 queue = self._queues.get(tp)
                 if queue is None:
@@ -436,6 +448,7 @@ class Worker:
             "builder": asdict(self.builder.stats),
             "replay_until": self._replay_until,
             "replay_from_ms": self._replay_from_ms,
+            "progress_s": self._progress_s,
             **self.learner.meta(),
         }
         offsets = self._offsets()
@@ -537,6 +550,7 @@ class Worker:
         self.metrics.rows.labels("user").set(len(self.learner.users))
         self.metrics.rows.labels("item").set(len(self.learner.items))
         self.metrics.buffered.set(self._buffered)
+        self.metrics.progress.set(self._progress_s)
         for tp, consumer in self._consumers.items():
             highwater = consumer.highwater(tp)
             if highwater is not None and self._next.get(tp, -1) >= 0:
@@ -572,10 +586,21 @@ class Worker:
     def idle(self) -> bool:
         return self._buffered == 0 and all(self._caught_up(tp) for tp in self._queues)
 
-    def run(self, stop: threading.Event, *, exit_when_idle_s: float | None = None) -> None:
-        """Fetch, merge, apply, checkpoint until ``stop`` is set; SIGTERM-safe (checkpoints on the way out)."""
+    def run(
+        self,
+        stop: threading.Event,
+        *,
+        exit_when_idle_s: float | None = None,
+        beat: Callable[[], None] | None = None,
+    ) -> None:
+        """Fetch, merge, apply, checkpoint until ``stop`` is set; SIGTERM-safe (checkpoints on the way out).
+
+        ``beat`` is called every cycle (a :class:`~streaming.lifecycle.ProcessGuard`'s watchdog). Kafka errors that
+        outlast ``retry_s`` or cannot be retried raise :class:`~streaming.lifecycle.KafkaStalled`."""
         try:
             while not stop.is_set():
+                if beat is not None:
+                    beat()
                 if not self._assigned_items:
                     self._assign_catalogue()
                 fetched = self._fetch(timeout_ms=50 if self._buffered else 200)
@@ -585,6 +610,9 @@ class Worker:
                 if released:
                     self._last_applied = time.monotonic()
                     self.applied += released
+                    self._progress_s = time.time()
+                elif not self._buffered and fetched == 0 and self.idle():
+                    self._progress_s = time.time()  # nothing to do is not a stall
                 self._log_status()
                 self._backpressure()
                 now = time.monotonic()
