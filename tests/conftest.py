@@ -14,6 +14,7 @@ import pytest
 
 from streaming.settings import KafkaSettings
 from streaming.topics import ensure_topics
+from tests.secure_kafka import secure_kafka  # noqa: F401  (the SASL_SSL broker fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
