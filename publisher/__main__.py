@@ -32,7 +32,7 @@ from publisher.publish import Publisher
 from publisher.settings import PublisherSettings
 from publisher.source import ChangeSource, MemorySource, RandomWalk
 from publisher.store import RocksSecondary, RocksStore
-from streaming.lifecycle import ProcessGuard, run_main
+from streaming.lifecycle import ProcessGuard, run_main, setup_logging
 from streaming.settings import KafkaSettings, load_settings
 
 if TYPE_CHECKING:  # imported when used: it brings torch and the model, which the other commands do not need
@@ -234,9 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU feature it tries
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    setup_logging(args.log_level.upper())
     return run_main(f"publisher {args.command}", lambda: args.run(args))
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from streaming.archive_sink import add_arguments as add_archive_arguments
 from streaming.consumer import EventConsumer
 from streaming.events import Event
-from streaming.lifecycle import run_main
+from streaming.lifecycle import run_main, setup_logging
 from streaming.producer import EventProducer
 from streaming.replay import replay
 from streaming.settings import KafkaSettings, load_settings
@@ -246,11 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU feature it tries
-    logging.getLogger("kafka").setLevel(logging.WARNING)
-    # kafka-python warns whenever our own work delays its event loop by 100 ms; that is expected here.
-    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
+    setup_logging()
     return run_main(f"streaming {args.command}", lambda: args.run(args))
 
 

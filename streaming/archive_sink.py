@@ -56,7 +56,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from streaming.archive import ArchiveWriter, StagedFile, publish
 from streaming.consumer import DeadLetter, RebalanceCallbacks, check_record
 from streaming.events import Event, InvalidEvent, Limits
-from streaming.lifecycle import ProcessGuard, RetryBudget, run_main
+from streaming.lifecycle import ProcessGuard, RetryBudget, run_main, setup_logging
 from streaming.settings import KafkaSettings, load_settings
 from streaming.topics import DEADLETTER, EVENT_TOPICS
 
@@ -458,9 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", help="TOML settings file; its [kafka] table is read (also FRESHTOWER_CONFIG)")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU feature it tries
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    setup_logging()
     kafka = load_settings(
         KafkaSettings,
         section="kafka",

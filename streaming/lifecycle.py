@@ -39,6 +39,7 @@ __all__ = [
     "RetryBudget",
     "exit_code",
     "run_main",
+    "setup_logging",
 ]
 
 logger = logging.getLogger(__name__)
@@ -189,3 +190,14 @@ def run_main(name: str, main: Callable[[], int | None]) -> int:
             raise
         logger.error("%s exits (%d): %s", name, code, exc)
         return code
+
+
+def setup_logging(level: str | int = logging.INFO) -> None:
+    """One log format for every process. The Kafka client's own connection errors are silenced: they repeat at
+    every reconnect, and this project reports them once, with their cause (:class:`RetryBudget`,
+    :func:`streaming.access.diagnose`)."""
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs every CPU feature it tries
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    logging.getLogger("kafka.net").setLevel(logging.CRITICAL)
+    logging.getLogger("kafka.conn").setLevel(logging.CRITICAL)

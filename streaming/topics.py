@@ -15,7 +15,9 @@ import time
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
+from streaming.access import diagnose, is_bootstrap_failure
 from streaming.events import Click, Event, Impression, Item, UserProfile
+from streaming.lifecycle import KafkaAuthFailed, KafkaStalled
 from streaming.settings import KafkaSettings
 
 __all__ = [
@@ -77,13 +79,25 @@ def ensure_topics(settings: KafkaSettings, *, timeout_s: float = 30.0) -> list[s
 
 
 def connect_admin(settings: KafkaSettings, client_id: str, deadline: float) -> KafkaAdminClient:
-    """An admin client, retrying until ``deadline`` (time.monotonic()) while the broker is not up yet."""
+    """An admin client, retrying until ``deadline`` (time.monotonic()) while the broker is not up yet.
+
+    This is the first connection every process makes, so it is where a refusal is told apart from an outage:
+    a cluster that refuses the credentials or certificate raises :class:`~streaming.lifecycle.KafkaAuthFailed`
+    at once (no retry storm); one that stays unreachable raises :class:`~streaming.lifecycle.KafkaStalled`."""
     while True:
         try:
-            return KafkaAdminClient(**settings.client_config(), client_id=client_id)
+            remaining_ms = max(1000, int((deadline - time.monotonic()) * 1000))
+            return KafkaAdminClient(
+                **settings.client_config(), client_id=client_id, bootstrap_timeout_ms=min(10_000, remaining_ms)
+            )
         except KafkaError as exc:
+            cause: Exception = exc
+            if is_bootstrap_failure(exc):
+                cause = diagnose(settings)
+                if isinstance(cause, KafkaAuthFailed):
+                    raise cause from exc
             if time.monotonic() > deadline:
-                raise RuntimeError(f"cannot reach Kafka at {settings.bootstrap_servers}: {exc}") from exc
+                raise KafkaStalled(f"cannot use Kafka at {settings.bootstrap_servers}: {cause}") from exc
             time.sleep(0.5)
 
 
