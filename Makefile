@@ -7,7 +7,7 @@ KAFKA_PORT ?= 9092
 INSTALLED := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint kafka-stop clean prometheus-tools
+.PHONY: setup demo test lint kafka-stop clean test-tools
 
 $(INSTALLED): pyproject.toml
 	@command -v java >/dev/null || { echo "Java 17+ is required for the Kafka broker"; exit 1; }
@@ -30,15 +30,16 @@ lint: $(INSTALLED)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Prometheus server, promtool and the Pushgateway (Debian packages) for the alert-rule and real-server tests.
-prometheus-tools:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null \
+# Prometheus server, promtool and the Pushgateway (Debian packages) for the alert-rule and real-server tests, and
+# kcat (librdkafka's client) to produce compressed batches as Java and C producers do.
+test-tools:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v kcat >/dev/null \
 	  && { command -v prometheus-pushgateway || command -v pushgateway; } >/dev/null || { \
-	  echo "installing Debian's prometheus and prometheus-pushgateway packages"; \
+	  echo "installing Debian's prometheus, prometheus-pushgateway and kcat packages"; \
 	  $(SUDO) apt-get update -qq && \
-	  $(SUDO) apt-get install -y -qq --no-install-recommends prometheus prometheus-pushgateway; }
+	  $(SUDO) apt-get install -y -qq --no-install-recommends prometheus prometheus-pushgateway kcat; }
 
-test: setup lint prometheus-tools
+test: setup lint test-tools
 	$(BIN)/pytest
 
 clean:

@@ -225,4 +225,4 @@ class Replica:
             budget.ok()
 
     def close(self) -> None:
-        self._consumer.close()
+        self._consumer.close(timeout_ms=2000)

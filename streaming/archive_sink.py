@@ -54,7 +54,7 @@ from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from streaming.archive import ArchiveWriter, StagedFile, publish
-from streaming.consumer import DeadLetter, RebalanceCallbacks, check_record
+from streaming.consumer import DeadLetter, check_record, subscribe
 from streaming.events import Event, InvalidEvent, Limits
 from streaming.lifecycle import ProcessGuard, RetryBudget, run_main, setup_logging
 from streaming.settings import KafkaSettings, load_settings
@@ -183,7 +183,7 @@ class ArchiveSink:
             )
             self._dlq = KafkaProducer(**kafka_settings.producer_config(), acks="all", linger_ms=5, retries=10**9)
             topics = [kafka_settings.topic(name) for name in EVENT_TOPICS.values()]
-            self._consumer.subscribe(topics, listener=RebalanceCallbacks(self._on_assigned, self._on_revoked))
+            subscribe(self._consumer, topics, self._on_assigned, self._on_revoked)
         except BaseException:
             if hasattr(self, "_consumer"):
                 self._consumer.close()
@@ -391,7 +391,7 @@ class ArchiveSink:
         if self._closed:
             return
         self._closed = True
-        for closer in (self._consumer.close, self._dlq.close):
+        for closer in (lambda: self._consumer.close(timeout_ms=2000), lambda: self._dlq.close(timeout=2)):
             try:
                 closer()
             except Exception:  # closing after a broker outage may fail; the state file already holds the truth

@@ -22,7 +22,7 @@ from streaming.events import Event, InvalidEvent, Limits, decode, event_key
 from streaming.settings import KafkaSettings
 from streaming.topics import DEADLETTER, type_for_topic
 
-__all__ = ["DeadLetter", "EventConsumer", "RebalanceCallbacks", "Received", "check_record"]
+__all__ = ["DeadLetter", "EventConsumer", "RebalanceCallbacks", "Received", "check_record", "subscribe"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,22 @@ class RebalanceCallbacks(ConsumerRebalanceListener):
 
     def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self._on_assigned(assigned)
+
+
+def subscribe(
+    consumer: KafkaConsumer,
+    topics: Sequence[str],
+    on_assigned: Callable[[set[TopicPartition]], None],
+    on_revoked: Callable[[set[TopicPartition]], None],
+) -> None:
+    """Join ``consumer``'s group for ``topics`` once their partitions are known to the client.
+
+    A member that joins before its first metadata response is assigned nothing, and kafka-python notices the
+    partitions only at the next periodic metadata refresh (``metadata_max_age_ms``, 5 minutes): a sink or a
+    worker that sits idle that long at start-up. Asking for each topic's partitions first closes that window."""
+    for topic in topics:
+        consumer.partitions_for_topic(topic)
+    consumer.subscribe(list(topics), listener=RebalanceCallbacks(on_assigned, on_revoked))
 
 
 @dataclass

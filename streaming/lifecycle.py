@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 
 from kafka.errors import AuthorizationError, KafkaError, SaslAuthenticationFailedError
@@ -113,6 +114,18 @@ class RetryBudget:
             logger.warning("%s failed (%s: %s); retrying", self.what, type(exc).__name__, exc)
 
 
+def _main_thread_at() -> str:
+    """Where the main thread is now, innermost frame of this project's code first, then the innermost frame."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    frames = []
+    while frame is not None:
+        frames.append(f"{Path(frame.f_code.co_filename).name}:{frame.f_lineno} in {frame.f_code.co_name}")
+        frame = frame.f_back
+    if not frames:
+        return "?"
+    return " <- ".join(frames[:3])
+
+
 class ProcessGuard:
     """Signal handlers, a forced exit ``grace_s`` after a stop signal, and a stall watchdog.
 
@@ -155,20 +168,18 @@ class ProcessGuard:
         if not self._done.wait(self.grace_s):
             self._exit(
                 128 + signum,
-                f"{self.name} did not stop within {self.grace_s:g} s of {signal.Signals(signum).name} "
-                "(stuck in a client call); exiting with its last checkpoint",
+                f"{self.name} did not stop within {self.grace_s:g} s of {signal.Signals(signum).name}, stuck at "
+                f"{_main_thread_at()}; exiting with its last checkpoint",
             )
 
     def _watch(self) -> None:
         while not self._done.wait(1.0):
             quiet = time.monotonic() - self._beat
             if quiet > self.stall_s and self._signalled is None:
-                frame = sys._current_frames().get(threading.main_thread().ident)
-                where = f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}" if frame else "?"
                 self._exit(
                     EXIT_STALLED,
-                    f"{self.name} made no progress for {quiet:.0f} s (limit {self.stall_s:g} s), stuck at {where}; "
-                    "exiting with its last checkpoint so that a supervisor restarts it",
+                    f"{self.name} made no progress for {quiet:.0f} s (limit {self.stall_s:g} s), stuck at "
+                    f"{_main_thread_at()}; exiting with its last checkpoint so that a supervisor restarts it",
                 )
 
     def _exit(self, code: int, message: str) -> None:

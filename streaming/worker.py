@@ -35,7 +35,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from streaming.consumer import DeadLetter, RebalanceCallbacks, check_record
+from streaming.consumer import DeadLetter, check_record, subscribe
 from streaming.events import Click, Event, InvalidEvent, Limits
 from streaming.examples import Example, ExampleBuilder, ExampleSettings
 from streaming.learner import IncrementalLearner, LearnerSettings
@@ -195,9 +195,7 @@ class Worker:
             client_id="freshtower-worker",
             **common,
         )
-        self._group.subscribe(
-            [kafka.topic(t) for t in _USER_TOPICS], listener=RebalanceCallbacks(self._on_assigned, self._on_revoked)
-        )
+        subscribe(self._group, [kafka.topic(t) for t in _USER_TOPICS], self._on_assigned, self._on_revoked)
         # The catalogue is global: every worker reads every partition of the items topic, outside the group.
         self._catalogue = KafkaConsumer(group_id=None, client_id="freshtower-worker-items", **common)
         self._dlq = KafkaProducer(**kafka.producer_config(), acks="all", linger_ms=5, retries=10**9)
@@ -635,7 +633,13 @@ class Worker:
         if self._closed:
             return
         self._closed = True
-        for closer in (self._group.close, self._catalogue.close, self._dlq.close, self.state.close):
+        closers = (
+            lambda: self._group.close(timeout_ms=2000),  # bounded: a broker that is away cannot hold up a stop
+            lambda: self._catalogue.close(timeout_ms=2000),
+            lambda: self._dlq.close(timeout=2),
+            self.state.close,
+        )
+        for closer in closers:
             try:
                 closer()
             except Exception:  # closing after a broker outage may fail; the checkpoint already made it

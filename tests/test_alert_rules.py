@@ -33,6 +33,8 @@ SCALARS = {
     "freshtower_event_watermark_timestamp_seconds",
     "freshtower_embedding_rows",
     "freshtower_checkpoint_timestamp_seconds",
+    "freshtower_progress_timestamp_seconds",
+    "freshtower_kafka_errors_total",
     "freshtower_model_info",
     "freshtower_model_data_cutoff_timestamp_seconds",
     "freshtower_model_created_timestamp_seconds",
@@ -110,7 +112,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     defined = set(re.findall(r"^\s*- alert: (\w+)$", rules, re.MULTILINE))
     quiet = set(re.findall(r"alertname: (\w+)\n\s*exp_alerts: \[\]", tests))
     firing = set(re.findall(r"alertname: (\w+)\n\s*exp_alerts:\n\s*- exp_labels:", tests))
-    assert len(defined) == 16, sorted(defined)
+    assert len(defined) == 17, sorted(defined)
     assert defined - quiet == set(), "alerts without a case where they stay quiet"
     assert defined - firing == set(), "alerts without a case where they fire"
     assert (quiet | firing) - defined == set(), "tests of alerts that do not exist"
@@ -141,6 +143,7 @@ def test_alert_rules_reference_only_exported_metrics() -> None:
         "freshtower_dead_letters_total",
         "freshtower_event_watermark_timestamp_seconds",
         "freshtower_checkpoint_timestamp_seconds",
+        "freshtower_progress_timestamp_seconds",
         "freshtower_model_data_cutoff_timestamp_seconds",
         "freshtower_archive_watermark_timestamp_seconds",
         "freshtower_full_outcome",
