@@ -355,6 +355,47 @@ def prepare(args: argparse.Namespace, bootstrap: str, workdir: Path) -> dict:
     }
 
 
+def raw_consume(bootstrap: str, prefix: str, expected: int, stage: str) -> dict:
+    """The client alone over the same topics: every partition of the four event topics from offset 0, with the
+    worker's fetch settings, until ``expected`` records came. ``stage``: ``raw`` (records only), ``json``
+    (+ ``json.loads`` of each value) or ``validate`` (+ the worker's decode and validation, ``check_record``)."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    from streaming.consumer import check_record
+    from streaming.events import Limits
+    from streaming.settings import KafkaSettings
+
+    kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=prefix)
+    limits = Limits(max_bytes=kafka.max_record_bytes, max_future_ms=1 << 62)
+    consumer = KafkaConsumer(
+        **kafka.client_config(),
+        group_id=None,
+        enable_auto_commit=False,
+        max_partition_fetch_bytes=max(1 << 20, 4 * kafka.max_record_bytes),
+        fetch_max_bytes=8 << 20,
+    )
+    tps = [TopicPartition(kafka.topic(t), p) for t in ("items", "users", "impressions", "clicks") for p in range(4)]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
+    n, first, last = 0, None, None
+    deadline = time.monotonic() + 300
+    while n < expected and time.monotonic() < deadline:
+        for records in consumer.poll(timeout_ms=500, max_records=1 << 30).values():
+            if first is None:
+                first = time.perf_counter()
+            for record in records:
+                if stage == "json":
+                    json.loads(record.value)
+                elif stage == "validate":
+                    check_record(record.topic, record.key, record.value, kafka, limits)
+            n += len(records)
+        last = time.perf_counter()
+    consumer.close()
+    if n < expected or first is None:
+        raise RuntimeError(f"raw consume ({stage}) read {n} of {expected} records")
+    return {"stage": stage, "records": n, "seconds": round(last - first, 3), "records_per_s": n / (last - first)}
+
+
 def child(
     args: argparse.Namespace,
     bootstrap: str,
@@ -500,15 +541,21 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="freshtower-bench-") as tmp, broker(args.bootstrap, Path(tmp)) as boot:
         workdir = Path(tmp)
         prepared = prepare(args, boot, workdir)
+        raw = {}
+        for stage in ("raw", "json", "validate"):
+            raw[stage] = raw_consume(boot, prepared["topic_prefix"], prepared["stream_events"], stage)
+            print(f"kafka-python alone ({stage}): {raw[stage]['records_per_s']:,.0f} records/s", flush=True)
         bar = tqdm(grid, desc="grid", unit="run")
         for batch, dim in bar:
             bar.set_postfix_str(f"batch {batch} dim {dim}")
             r = child(args, boot, prepared, batch, dim, workdir, profile=False)
+            r["ratio_to_raw_consume"] = r["events_per_s"] / raw["raw"]["records_per_s"]
             results.append(r)
             tqdm.write(
                 f"batch {batch:>5} dim {dim:>3}: {r['events_per_s']:>8,.0f} events/s, "
                 f"{r['examples_per_s']:>7,.0f} clicks/s, SGD p50 {r['sgd_step_p50_ms']:.1f} ms "
-                f"p99 {r['sgd_step_p99_ms']:.1f} ms, RSS {r['peak_rss_mb']:.0f} MB, window {r['window_s']:.1f} s"
+                f"p99 {r['sgd_step_p99_ms']:.1f} ms, RSS {r['peak_rss_mb']:.0f} MB, window {r['window_s']:.1f} s, "
+                f"x{r['ratio_to_raw_consume']:.2f} of the raw consume rate"
             )
         crc = None
         if crc_point is not None:
@@ -562,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "total_runtime_s": round(time.time() - started, 1),
+        "raw_consume": raw,
         "results": results,
         "crc32c_compare": crc,
         "profile": profiled,

@@ -367,6 +367,8 @@ class ArchiveSink:
                     time.sleep(0.5)
                     continue
                 self._poll_budget.ok()
+                if not batches and not self._consumer.assignment():
+                    stop.wait(0.2)  # a poll without partitions returns at once: do not spin while unassigned
                 now = time.monotonic()
                 for records in batches.values():
                     for record in records:

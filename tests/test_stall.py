@@ -88,6 +88,17 @@ def terminate(process: subprocess.Popen, log: Path) -> tuple[int, float]:
     return code, time.monotonic() - sent
 
 
+def finish(process: subprocess.Popen, timeout_s: float, log: Path) -> int:
+    """The exit code of a process expected to end by itself; killed (and the test failed) if it does not."""
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(
+            f"{process.args[2:4]} did not end within {timeout_s} s:\n{log.read_text()[-3000:]}"
+        ) from None
+
+
 def archived(root: Path) -> list:
     return [e for day in days(root) for f in visible_files(root, day) for e in read_events(f.path, f.kind)]
 
@@ -172,16 +183,11 @@ def test_an_unreadable_batch_ends_worker_and_sink_with_69_and_a_restart_with_the
     produce(settings, day_two[:cut])
     for name, args in (("worker", worker_args), ("archive", sink_args)):
         process = start(args, settings, logs[name], **blind)
-        assert process.wait(timeout=180) == 0, logs[name].read_text()[-3000:]
+        assert finish(process, 180, logs[name]) == 0, logs[name].read_text()[-3000:]
     # The second half in zstd batches, which they cannot read: a clear error and exit 69, not a spin.
     kcat_produce(settings, day_two[cut:], "zstd")
     for name, args in (("worker", worker_args), ("archive", sink_args)):
-        process = start(args, settings, logs[name], **blind)
-        try:
-            code = process.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise AssertionError(f"{name} spun on a batch it cannot read:\n{logs[name].read_text()[-3000:]}") from None
+        code = finish(start(args, settings, logs[name], **blind), 120, logs[name])
         log = logs[name].read_text()
         assert code == EXIT_STALLED, log[-3000:]
         errors = [line for line in log.splitlines() if " ERROR " in line]
@@ -195,8 +201,7 @@ def test_an_unreadable_batch_ends_worker_and_sink_with_69_and_a_restart_with_the
 
     # The same processes with the codec: everything applied and archived exactly once.
     for name, args in (("worker", worker_args), ("archive", sink_args)):
-        process = start(args, settings, logs[name])
-        assert process.wait(timeout=180) == 0, logs[name].read_text()[-3000:]
+        assert finish(start(args, settings, logs[name]), 180, logs[name]) == 0, logs[name].read_text()[-3000:]
     saved = read_state(state)
     assert saved["meta"]["examples"] == sum(isinstance(e, Click) for e in day_two)
     assert sum(saved["offsets"].values()) == len(day_two)
