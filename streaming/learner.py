@@ -78,8 +78,14 @@ class IncrementalLearner:
         self.items = self._table(
             "item", model.item_tower.id_table.weight, encoder.item_vocab.tokens, settings.item_table
         )
+        # A worker runs for days: an item it first meets late must not start from the whole wait since its stream
+        # began (trainer/frequency.py), or logQ mutes the clicks of exactly the new items freshness is for.
         self.frequency = FrequencyEstimator(
-            settings.frequency_buckets, settings.frequency_hashes, settings.frequency_alpha, seed=0
+            settings.frequency_buckets,
+            settings.frequency_hashes,
+            settings.frequency_alpha,
+            seed=0,
+            from_second_sighting=True,
         )
         self._load_frequency()
         self.batches = int(state.meta().get("batches", 0))
@@ -153,12 +159,8 @@ class IncrementalLearner:
         return {"batches": self.batches, "examples": self.examples, "frequency_step": self.frequency.step}
 
     def _stage_frequency(self, item_ids: list[str]) -> None:
-        state = self.frequency.state_dict()
-        last_step, mean_gap = state["last_step"], state["mean_gap"]
-        buckets = self.frequency.buckets(item_ids)  # [num_hashes, n]
-        for h in range(buckets.shape[0]):
-            for b in set(buckets[h].tolist()):
-                self._state.put(f"f:{h}:{b}".encode(), _BUCKET.pack(int(last_step[h, b]), float(mean_gap[h, b])))
+        for h, b, last_step, mean_gap in self.frequency.bucket_state(item_ids):
+            self._state.put(f"f:{h}:{b}".encode(), _BUCKET.pack(last_step, mean_gap))
 
     def _load_frequency(self) -> None:
         state = self.frequency.state_dict()

@@ -49,6 +49,43 @@ def test_three_steps_worked_by_hand() -> None:
     np.testing.assert_allclose(est.log_q(["x", "y"]), np.log([1 / 1.5, 0.5]))
 
 
+def test_from_second_sighting_worked_by_hand() -> None:
+    """An item first seen late is not charged the whole wait since the stream began."""
+    est = FrequencyEstimator(num_buckets=1 << 16, num_hashes=2, alpha=0.5, from_second_sighting=True)
+    late = FrequencyEstimator(num_buckets=1 << 16, num_hashes=2, alpha=0.5)  # the default rule, for contrast
+    for step in range(1, 1001):  # a long-running stream of other items
+        est.update(["other"], step=step)
+        late.update(["other"], step=step)
+    # Step 1001: "new" appears for the first time. The default rule seeds B = 1001 - 0 (p = 1/1001); here only
+    # A = 1001 is recorded, B stays 0 ("seen once"), and its gap counts as max(1, 1001 - 1001) = 1: p = 1.
+    est.update(["new"], step=1001)
+    late.update(["new"], step=1001)
+    gap, last = _gap_and_last(est, "new")
+    assert gap.tolist() == [0.0, 0.0] and last.tolist() == [1001, 1001]
+    assert est.probability(["new"]).tolist() == [1.0]
+    np.testing.assert_allclose(late.probability(["new"]), [1 / 1001])
+    # Steps 1002-1004 without it: its gap so far is 1004 - 1001 = 3, p = 1/3.
+    est.update([], step=1004)
+    np.testing.assert_allclose(est.probability(["new"]), [1 / 3])
+    # Step 1005: the second sighting seeds B with the genuine gap 1005 - 1001 = 4 (no moving average yet).
+    est.update(["new"], step=1005)
+    gap, last = _gap_and_last(est, "new")
+    assert gap.tolist() == [4.0, 4.0] and last.tolist() == [1005, 1005]
+    np.testing.assert_allclose(est.probability(["new"]), [1 / 4])
+    # Step 1007: gap 2, B = 0.5 * 4 + 0.5 * 2 = 3; the default rule is still at 0.5 * (0.5 * 1001 + 0.5 * 4) + 1.
+    est.update(["new"], step=1007)
+    late.update(["new"], step=1005)
+    late.update(["new"], step=1007)
+    np.testing.assert_allclose(est.probability(["new"]), [1 / 3])
+    np.testing.assert_allclose(late.probability(["new"]), [1 / (0.5 * (0.5 * 1001 + 0.5 * 4) + 0.5 * 2)])
+    # Never seen: the floor, as with the default rule.
+    assert est.probability(["never"]).tolist() == [est.min_probability]
+    # A state saved by either rule loads into the other: "seen once" is B == 0 with A > 0.
+    other = FrequencyEstimator(num_buckets=1 << 16, num_hashes=2, alpha=0.5, from_second_sighting=True)
+    other.load_state_dict(late.state_dict())
+    np.testing.assert_allclose(other.probability(["new", "other"]), late.probability(["new", "other"]))
+
+
 def test_steps_must_increase_and_auto_increment() -> None:
     est = FrequencyEstimator(num_buckets=1024)
     est.update(["a"], step=5)

@@ -21,6 +21,15 @@ that was in the stream from the start. ``B`` starts at 0, which here means "neve
 that first appears late in the stream starts with a long gap (``p_hat`` too low) that the moving average forgets
 at rate ``alpha`` per sighting.
 
+That last point hurts a learner that runs for days (the streaming worker): an item first seen on day five starts
+with a gap of five days of steps, its ``p_hat`` is far too low, and the correction then boosts its positive logits
+(``- log p_hat`` is large), so its clicks teach the model little for hundreds of sightings: the new items that
+freshness exists for. With ``from_second_sighting=True`` a first sighting only records ``A`` and seeds nothing;
+``B`` is seeded at the second sighting with a genuine gap between two sightings. Until then the bucket's gap is
+taken as the steps since its one sighting, at least 1: ``p_hat = 1`` in the batch that introduces an item (no
+correction while nothing is known), falling as the item stays away. Old checkpoints read the same way ("seen once"
+is ``B == 0`` with ``A > 0``, which the default rule never leaves behind).
+
 Keys are hashed with a stable hash (identical in every process and run, unlike Python's ``hash``): strings through
 BLAKE2b of their UTF-8 bytes, integers directly; both then go through a SplitMix64 mix salted per hash function.
 A key's type is part of its identity: ``"42"`` and ``42`` are different keys.
@@ -101,6 +110,7 @@ class FrequencyEstimator:
         seed: int = 0,
         *,
         min_probability: float = 1e-6,
+        from_second_sighting: bool = False,
     ) -> None:
         if num_buckets < 1 or num_hashes < 1:
             raise ValueError(f"num_buckets and num_hashes must be >= 1, got {num_buckets} and {num_hashes}")
@@ -115,6 +125,7 @@ class FrequencyEstimator:
         self.alpha = float(alpha)
         self.seed = int(seed)
         self.min_probability = float(min_probability)
+        self.from_second_sighting = bool(from_second_sighting)
         self._salts = _salts(self.seed, self.num_hashes)
         self._last_step = np.zeros((self.num_hashes, self.num_buckets), dtype=np.int64)  # A
         self._mean_gap = np.zeros((self.num_hashes, self.num_buckets), dtype=np.float64)  # B; 0 = never seen
@@ -141,11 +152,25 @@ class FrequencyEstimator:
             # A bucket is updated once per batch however many keys (duplicates or collisions) land on it:
             # the estimate is of "appears in a batch", not of how many times.
             hit = np.unique(index[h])
-            gap = (t - self._last_step[h, hit]).astype(np.float64)
+            last = self._last_step[h, hit]
+            gap = (t - last).astype(np.float64)
             old = self._mean_gap[h, hit]
-            self._mean_gap[h, hit] = np.where(old > 0.0, (1.0 - self.alpha) * old + self.alpha * gap, gap)
+            seed = gap
+            if self.from_second_sighting:
+                seed = np.where(last > 0, gap, 0.0)  # a first sighting has no gap yet: "seen once"
+            self._mean_gap[h, hit] = np.where(old > 0.0, (1.0 - self.alpha) * old + self.alpha * gap, seed)
             self._last_step[h, hit] = t
         self._step = t
+
+    def bucket_state(self, item_keys: np.ndarray | Sequence[str] | Sequence[int]) -> list[tuple[int, int, int, float]]:
+        """``(hash, bucket, A, B)`` of every distinct bucket the keys map to: what an update of them changed, for a
+        learner that checkpoints the touched buckets rather than the whole arrays."""
+        index = self.buckets(item_keys)
+        out = []
+        for h in range(self.num_hashes):
+            for b in np.unique(index[h]).tolist():
+                out.append((h, b, int(self._last_step[h, b]), float(self._mean_gap[h, b])))
+        return out
 
     def rescale_batch(self, ratio: float) -> None:
         """Carry the estimate over to batches ``ratio`` times as large (another ``--nproc`` or batch size).
@@ -164,7 +189,11 @@ class FrequencyEstimator:
     def probability(self, item_keys: np.ndarray | Sequence[str] | Sequence[int]) -> np.ndarray:
         """float64 ``[n]``: ``1 / max_h B[h, y]`` clipped to ``[min_probability, 1]``; never-seen keys get the floor."""
         index = self.buckets(item_keys)
-        gaps = self._mean_gap[np.arange(self.num_hashes)[:, None], index]  # [num_hashes, n]
+        rows = np.arange(self.num_hashes)[:, None]
+        gaps = self._mean_gap[rows, index]  # [num_hashes, n]
+        if self.from_second_sighting:
+            once = (gaps == 0.0) & (self._last_step[rows, index] > 0)
+            gaps = np.where(once, np.maximum(1.0, self._step - self._last_step[rows, index]), gaps)
         # Seeing a key updates all of its buckets, so one untouched bucket proves the key itself was never seen.
         seen = gaps.min(axis=0) > 0.0
         p = np.full(index.shape[1], self.min_probability, dtype=np.float64)
