@@ -180,12 +180,12 @@ def _decode(raw: bytes | None, limits: Limits) -> Event:
 class _Fields:
     """Typed accessors over one decoded JSON object; every failure names the field."""
 
-    _ALLOWED_EXTRA = frozenset({"v", "type"})
+    # Per event type, every key a record may carry: its fields, the schema version and the type (once, not per record).
+    _ALLOWED = {kind: frozenset(cls.__dataclass_fields__) | {"v", "type"} for kind, cls in _TYPES.items()}
 
     def __init__(self, obj: dict[str, Any], kind: str, limits: Limits) -> None:
         self.obj, self.kind, self.limits = obj, kind, limits
-        expected = {f for f in _TYPES[kind].__dataclass_fields__}
-        unknown = set(obj) - expected - self._ALLOWED_EXTRA
+        unknown = obj.keys() - self._ALLOWED[kind]
         if unknown:
             raise InvalidEvent(f"{kind}: unknown field(s) {sorted(unknown)}")
 
