@@ -97,7 +97,7 @@ def _worker_source(args: argparse.Namespace) -> WorkerSource:
     agreeing on the state directory and on how many checkpoints of change log the worker keeps.
     """
     from publisher.worker_source import WorkerSource
-    from streaming.worker import WorkerSettings
+    from streaming.worker_settings import WorkerSettings
 
     worker = load_settings(
         WorkerSettings,

@@ -17,19 +17,13 @@ early only when the stream goes idle, which in a live stream depends on timing.)
 
 from __future__ import annotations
 
-import hashlib
-import heapq
 import json
 import logging
 import math
-import socket
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from dataclasses import asdict
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
@@ -38,87 +32,22 @@ from kafka.structs import OffsetAndMetadata
 from streaming.consumer import DeadLetter, check_record, subscribe
 from streaming.events import Click, Event, InvalidEvent, Limits
 from streaming.examples import Example, ExampleBuilder, ExampleSettings
-from streaming.learner import IncrementalLearner, LearnerSettings
+from streaming.learner import IncrementalLearner
 from streaming.lifecycle import RetryBudget
+from streaming.merge import TOPIC_RANK, PartitionMerge, Queued, tp_key
 from streaming.metrics import WorkerMetrics
 from streaming.settings import KafkaSettings
 from streaming.state import StateStore
-from streaming.tables import TableSettings
 from streaming.topics import DEADLETTER
+from streaming.worker_settings import WorkerSettings
 from trainer.artifact import ModelVersion, load_version
 from trainer.registry import Registry
 
-__all__ = ["Worker", "WorkerSettings"]
+__all__ = ["Worker", "WorkerSettings"]  # WorkerSettings lives in streaming.worker_settings
 
 logger = logging.getLogger(__name__)
 
-# Ties in event time: catalogue and profiles before the behaviour that may refer to them.
-_TOPIC_RANK = {"items": 0, "users": 1, "impressions": 2, "clicks": 3}
 _USER_TOPICS = ("users", "impressions", "clicks")
-
-
-@dataclass(frozen=True)
-class WorkerSettings:
-    """Settings of one worker process (``FRESHTOWER_*`` variables, ``[worker]`` in the TOML file)."""
-
-    state_dir: Path = Path("data/worker")
-    group_id: str = "freshtower-worker"
-    models_dir: Path = Path("artifacts/models")
-    batch_size: int = 256
-    last_n: int = 20
-    join_window_ms: int = 30 * 60 * 1000
-    min_count: int = 2
-    idle_ms: int = 3 * 24 * 3600 * 1000
-    max_rows: int = 1_000_000
-    lr: float = 0.05
-    logq: bool = True
-    logq_weight: float | None = None
-    checkpoint_interval_s: float = 2.0
-    expire_every_batches: int = 50
-    max_buffered_events: int = 100_000
-    idle_flush_s: float = 1.0
-    change_log_checkpoints: int = 10_000
-    metrics_port: int = 9101
-    metrics_addr: str = "127.0.0.1"
-    sync: bool = True
-    instance_id: str = ""
-    model_poll_s: float = 10.0
-    start_at_cutoff: bool = True
-    session_timeout_ms: int = 15_000
-    record_cache: int = 100_000
-    # Kafka errors are retried for this long, then the worker exits (69) for its supervisor to restart it.
-    retry_s: float = 120.0
-    # A main loop that has not come round for this long (stuck inside a client call) is ended (69). 0: off.
-    stall_timeout_s: float = 300.0
-
-    def member_id(self) -> str:
-        """Static group membership (KIP-345): a restarted worker takes its partitions back at once instead of
-        waiting for the group to notice that its previous life died. Default: derived from the state directory,
-        which is what identifies a worker (its checkpoint)."""
-        if self.instance_id:
-            return self.instance_id
-        digest = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]
-        return f"{socket.gethostname()}-{digest}"
-
-    def learner(self, train: Mapping[str, Any] | None = None) -> LearnerSettings:
-        """The learner's settings; the logQ strength is ``logq_weight`` when set, else the one the model version was
-        trained with (its manifest's ``config.train``), so the online updates pursue the nightly objective."""
-        table = TableSettings(min_count=self.min_count, idle_ms=self.idle_ms, max_rows=self.max_rows, lr=self.lr)
-        weight = self.logq_weight if self.logq_weight is not None else float((train or {}).get("logq_weight", 1.0))
-        return LearnerSettings(
-            batch_size=self.batch_size, logq=self.logq, logq_weight=weight, user_table=table, item_table=table
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class _Queued:
-    offset: int
-    ts_ms: int
-    event: Event | None  # None: a dead letter (already sent); only its offset matters
-
-
-def _tp_key(tp: TopicPartition) -> str:
-    return f"{tp.topic}:{tp.partition}"
 
 
 class Worker:
@@ -162,13 +91,8 @@ class Worker:
         self.checkpoints = int(meta.get("checkpoints", 0))
         self._stored_offsets = self.state.offsets()
         self._limits = Limits(max_bytes=kafka.max_record_bytes, max_future_ms=kafka.max_future_ms)
-        self._names = {kafka.topic(name): name for name in _TOPIC_RANK}
-        self._queues: dict[TopicPartition, deque[_Queued]] = {}
-        self._next: dict[TopicPartition, int] = {}  # next offset to apply, per partition
-        self._heads: list[tuple[int, int, int, int, TopicPartition]] = []
-        self._consumers: dict[TopicPartition, KafkaConsumer] = {}
-        self._paused: set[TopicPartition] = set()
-        self._buffered = 0
+        self._names = {kafka.topic(name): name for name in TOPIC_RANK}
+        self.merge = PartitionMerge(self._names)
         self._last_checkpoint = time.monotonic()
         self._last_applied = time.monotonic()
         self._last_model_check = time.monotonic()
@@ -209,57 +133,37 @@ class Worker:
             self._track(tp, self._group)
         if any(self._names[tp.topic] == "clicks" for tp in assigned):
             self._replay_from_ms = None  # rewound; the next checkpoint records the replay bounds instead
-        logger.info("assigned %s", sorted(_tp_key(tp) for tp in assigned))
+        logger.info("assigned %s", sorted(tp_key(tp) for tp in assigned))
 
     def _on_revoked(self, revoked: set[TopicPartition]) -> None:
         if revoked and not self._closed:
             self.checkpoint()
-        for tp in revoked:
-            queue = self._queues.pop(tp, deque())
-            self._buffered -= len(queue)
-            self._next.pop(tp, None)
-            self._consumers.pop(tp, None)
-            self._paused.discard(tp)
-        self._heads = [h for h in self._heads if h[4] not in revoked]
-        heapq.heapify(self._heads)
+        self.merge.forget(revoked)
 
     def _track(self, tp: TopicPartition, consumer: KafkaConsumer) -> None:
-        stored = self._stored_offsets.get(_tp_key(tp))
-        if stored is not None:
-            consumer.seek(tp, stored)
-            self._next[tp] = stored
-        else:
-            self._next[tp] = -1  # resolved from the consumer's position on first use
-        self._queues[tp] = deque()
-        self._consumers[tp] = consumer
+        stored = self._stored_offsets.get(tp_key(tp))
+        self.merge.track(tp, consumer, stored)
         if self._replay_from_ms is not None and stored is not None and self._names[tp.topic] == "clicks":
             self._rewind(tp, self._replay_from_ms)
         elif stored is None and self._start_ms is not None and self._names[tp.topic] != "items":
             # A new worker starts where its model's training data ends: the model has learnt what came before.
             found = self._catalogue.offsets_for_times({tp: self._start_ms}, timeout_ms=30_000).get(tp)
             if found is not None:
-                consumer.seek(tp, found.offset)
-                self._next[tp] = found.offset
+                self.merge.seek(tp, found.offset)
             else:  # everything in this partition predates the model
-                consumer.seek_to_end(tp)
+                self.merge.seek_to_end(tp)
 
     def _rewind(self, tp: TopicPartition, from_ms: int) -> None:
         """Re-read the clicks of ``tp`` from event time ``from_ms`` for SGD only (a model switch's replay)."""
-        until = self._next[tp]
+        until = self.merge.next[tp]
         # ListOffsets through the catalogue consumer: it has no group, so this is safe inside a rebalance callback.
         found = self._catalogue.offsets_for_times({tp: from_ms}, timeout_ms=30_000).get(tp)
         start = until if found is None else min(found.offset, until)
         if start >= until:
             return
-        self._replay_until[_tp_key(tp)] = max(until, self._replay_until.get(_tp_key(tp), 0))
-        queue = self._queues[tp]
-        self._buffered -= len(queue)
-        queue.clear()
-        self._heads = [h for h in self._heads if h[4] != tp]
-        heapq.heapify(self._heads)
-        self._consumers[tp].seek(tp, start)
-        self._next[tp] = start
-        logger.info("replaying %s from offset %d to %d for the new model", _tp_key(tp), start, until)
+        self._replay_until[tp_key(tp)] = max(until, self._replay_until.get(tp_key(tp), 0))
+        self.merge.seek(tp, start)
+        logger.info("replaying %s from offset %d to %d for the new model", tp_key(tp), start, until)
 
     def _assign_catalogue(self) -> None:
         topic = self.kafka.topic("items")
@@ -288,18 +192,12 @@ class Worker:
                 continue
             self._poll_budget.ok()
             for tp, records in batches.items():
-                queue = self._queues.get(tp)
-                if queue is None:
-                    continue  # revoked while the fetch was in flight
-                for record in records:
-                    queue.append(self._decode(record))
-                    n += 1
-                if records and len(queue) == len(records):
-                    self._push_head(tp)
-        self._buffered += n
+                if tp in self.merge.queues:  # else revoked while the fetch was in flight
+                    self.merge.extend(tp, [self._decode(record) for record in records])
+                    n += len(records)
         return n
 
-    def _decode(self, record) -> _Queued:
+    def _decode(self, record) -> Queued:
         try:
             event = check_record(record.topic, record.key, record.value, self.kafka, self._limits)
         except InvalidEvent as exc:
@@ -308,7 +206,7 @@ class Worker:
             logger.exception("unexpected error decoding %s[%d]@%d", record.topic, record.partition, record.offset)
             reason = f"internal error while decoding: {type(exc).__name__}: {exc}"
         else:
-            return _Queued(record.offset, event.ts_ms, event)
+            return Queued(record.offset, event.ts_ms, event)
         letter = DeadLetter(
             record.topic, record.partition, record.offset, record.key, record.value, reason, self.settings.group_id
         )
@@ -317,48 +215,17 @@ class Worker:
         )
         self.metrics.dead_letters.labels(record.topic).inc()
         logger.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
-        return _Queued(record.offset, -1, None)
-
-    def _push_head(self, tp: TopicPartition) -> None:
-        head = self._queues[tp][0]
-        rank = _TOPIC_RANK[self._names[tp.topic]]
-        heapq.heappush(self._heads, (head.ts_ms, rank, tp.partition, head.offset, tp))
-
-    def _caught_up(self, tp: TopicPartition) -> bool:
-        consumer = self._consumers[tp]
-        highwater = consumer.highwater(tp)
-        if highwater is None:
-            return False
-        try:
-            return consumer.position(tp, timeout_ms=0) >= highwater
-        except KafkaError:
-            return False
-
-    def _blocked(self) -> bool:
-        """True while some assigned partition may still hold an earlier event than every buffered one."""
-        return any(not self._queues[tp] and not self._caught_up(tp) for tp in self._queues)
+        return Queued(record.offset, -1, None)
 
     # ------------------------------------------------------------------ apply
     def _release(self, budget_s: float = 0.1) -> int:
-        """Apply releasable events for up to ``budget_s``, so that checkpoints and fetches keep their pace."""
+        """Apply what the merge releases for up to ``budget_s``; returns the events applied (dead letters aside)."""
         applied = 0
-        deadline = time.monotonic() + budget_s
-        # Positions and high-water marks change only inside poll(), so the full check runs once here; after
-        # that only a partition that has just run dry can block the merge.
-        blocked = not self._heads or self._blocked()
-        while not blocked and self._heads and (applied % 256 or time.monotonic() < deadline):
-            _, _, _, _, tp = heapq.heappop(self._heads)
-            queue = self._queues[tp]
-            item = queue.popleft()
-            self._buffered -= 1
-            if queue:
-                self._push_head(tp)
-            else:
-                blocked = not self._caught_up(tp)
-            self._next[tp] = item.offset + 1
-            replay_until = self._replay_until.get(_tp_key(tp))
+        for tp, item in self.merge.release(budget_s):
+            key = tp_key(tp)
+            replay_until = self._replay_until.get(key)
             if replay_until is not None and item.offset + 1 >= replay_until:
-                del self._replay_until[_tp_key(tp)]
+                del self._replay_until[key]
             if item.event is None:
                 continue
             if replay_until is not None and item.offset < replay_until:
@@ -410,11 +277,7 @@ class Worker:
 
     # ------------------------------------------------------------------ checkpoint
     def _offsets(self) -> dict[str, int]:
-        offsets = dict(self._stored_offsets)
-        for tp, nxt in self._next.items():
-            if nxt >= 0:
-                offsets[_tp_key(tp)] = nxt
-        return offsets
+        return {**self._stored_offsets, **self.merge.offsets()}
 
     def checkpoint(self) -> None:
         """Make state, offsets and the unfinished mini-batch durable in one atomic write.
@@ -434,7 +297,7 @@ class Worker:
             for future in self._dead_letters:
                 future.get()  # raises the send error of a refused dead letter
             self._dead_letters = []
-        self._resolve_positions()
+        self.merge.resolve_positions()
         self.learner.flush()
         self.checkpoints += 1
         self._log_changes()
@@ -482,8 +345,8 @@ class Worker:
         )
         self._observe_model(version)
         self.metrics.model_switches.inc()
-        self._resolve_positions()
-        for tp in list(self._queues):
+        self.merge.resolve_positions()
+        for tp in list(self.merge.queues):
             if self._names[tp.topic] == "clicks":
                 self._rewind(tp, self._replay_from_ms)
         self._replay_from_ms = None
@@ -500,19 +363,6 @@ class Worker:
         current = self.registry.current()
         if current and current != self.model_version:
             self.switch_model(load_version(self.registry.path(current)))
-
-    def _resolve_positions(self) -> None:
-        # A partition never read from has no offset of its own yet: its consumer position is where it starts.
-        for tp, nxt in self._next.items():
-            if nxt < 0 and not self._queues[tp]:
-                try:
-                    position = self._consumers[tp].position(tp, timeout_ms=0)
-                except KafkaError:
-                    position = None
-                if position is not None:  # None until the consumer has resolved it (e.g. after seek_to_end)
-                    self._next[tp] = position
-            elif nxt < 0:
-                self._next[tp] = self._queues[tp][0].offset
 
     def _log_changes(self) -> None:
         """Record which users and items changed in this checkpoint, for the publisher to pick up."""
@@ -533,9 +383,9 @@ class Worker:
 
     def _commit_group(self, offsets: dict[str, int]) -> None:
         commit = {
-            tp: OffsetAndMetadata(offsets[_tp_key(tp)], "", -1)
+            tp: OffsetAndMetadata(offsets[tp_key(tp)], "", -1)
             for tp in self._group.assignment()
-            if _tp_key(tp) in offsets
+            if tp_key(tp) in offsets
         }
         if commit:
             try:
@@ -547,25 +397,12 @@ class Worker:
         self.metrics.watermark.set(self.builder.watermark_ms / 1000)
         self.metrics.rows.labels("user").set(len(self.learner.users))
         self.metrics.rows.labels("item").set(len(self.learner.items))
-        self.metrics.buffered.set(self._buffered)
+        self.metrics.buffered.set(self.merge.buffered)
         self.metrics.progress.set(self._progress_s)
-        for tp, consumer in self._consumers.items():
-            highwater = consumer.highwater(tp)
-            if highwater is not None and self._next.get(tp, -1) >= 0:
-                self.metrics.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - self._next[tp]))
+        for tp, lag in self.merge.lag().items():
+            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
 
     # ------------------------------------------------------------------ loop
-    def _backpressure(self) -> None:
-        """Stop fetching partitions that already hold a lot while the merge waits on others."""
-        limit = max(1, self.settings.max_buffered_events // max(1, len(self._queues)))
-        for tp, queue in self._queues.items():
-            if len(queue) > limit and tp not in self._paused:
-                self._consumers[tp].pause(tp)
-                self._paused.add(tp)
-            elif len(queue) <= limit // 2 and tp in self._paused:
-                self._consumers[tp].resume(tp)
-                self._paused.discard(tp)
-
     def _log_status(self, every_s: float = 5.0) -> None:
         """One progress line every ``every_s``: what a person watching the worker wants to know."""
         now = time.monotonic()
@@ -573,7 +410,7 @@ class Worker:
         if now - since < every_s:
             return
         self._status = (now, self.applied)
-        lag = sum(max(0, (c.highwater(tp) or 0) - n) for tp, c in self._consumers.items() if (n := self._next[tp]) >= 0)
+        lag = sum(self.merge.lag().values())
         logger.info(
             "applied %d events (%.0f/s), %d examples, %d/%d user/item rows, watermark %s, lag %d, model %s",
             self.applied, (self.applied - before) / (now - since), self.learner.examples, len(self.learner.users),
@@ -582,7 +419,7 @@ class Worker:
         )  # fmt: skip
 
     def idle(self) -> bool:
-        return self._buffered == 0 and all(self._caught_up(tp) for tp in self._queues)
+        return self.merge.idle()
 
     def run(
         self,
@@ -601,7 +438,7 @@ class Worker:
                     beat()
                 if not self._assigned_items:
                     self._assign_catalogue()
-                fetched = self._fetch(timeout_ms=50 if self._buffered else 200)
+                fetched = self._fetch(timeout_ms=50 if self.merge.buffered else 200)
                 if not self._group.assignment():
                     continue  # do not apply the catalogue ahead of user partitions that are not assigned yet
                 released = self._release()
@@ -609,10 +446,10 @@ class Worker:
                     self._last_applied = time.monotonic()
                     self.applied += released
                     self._progress_s = time.time()
-                elif not self._buffered and fetched == 0 and self.idle():
+                elif fetched == 0 and self.idle():
                     self._progress_s = time.time()  # nothing to do is not a stall
                 self._log_status()
-                self._backpressure()
+                self.merge.backpressure(self.settings.max_buffered_events)
                 now = time.monotonic()
                 quiet = now - self._last_applied
                 if self.pending and fetched == 0 and quiet >= self.settings.idle_flush_s and self.idle():

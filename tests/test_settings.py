@@ -68,7 +68,7 @@ def test_unknown_names_are_refused(tmp_path):
 
 def test_the_worker_follows_the_logq_weight_its_model_was_trained_with():
     from streaming.learner import LearnerSettings
-    from streaming.worker import WorkerSettings
+    from streaming.worker_settings import WorkerSettings
 
     trained = {"logq": True, "logq_weight": 0.5}
     # Unset: the online learner pursues the objective of the nightly model it updates.

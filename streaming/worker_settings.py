@@ -1,0 +1,68 @@
+"""The streaming worker's settings (``FRESHTOWER_*`` variables, ``[worker]`` in the TOML file)."""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from streaming.learner import LearnerSettings
+from streaming.tables import TableSettings
+
+__all__ = ["WorkerSettings"]
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Settings of one worker process (``FRESHTOWER_*`` variables, ``[worker]`` in the TOML file)."""
+
+    state_dir: Path = Path("data/worker")
+    group_id: str = "freshtower-worker"
+    models_dir: Path = Path("artifacts/models")
+    batch_size: int = 256
+    last_n: int = 20
+    join_window_ms: int = 30 * 60 * 1000
+    min_count: int = 2
+    idle_ms: int = 3 * 24 * 3600 * 1000
+    max_rows: int = 1_000_000
+    lr: float = 0.05
+    logq: bool = True
+    logq_weight: float | None = None
+    checkpoint_interval_s: float = 2.0
+    expire_every_batches: int = 50
+    max_buffered_events: int = 100_000
+    idle_flush_s: float = 1.0
+    change_log_checkpoints: int = 10_000
+    metrics_port: int = 9101
+    metrics_addr: str = "127.0.0.1"
+    sync: bool = True
+    instance_id: str = ""
+    model_poll_s: float = 10.0
+    start_at_cutoff: bool = True
+    session_timeout_ms: int = 15_000
+    record_cache: int = 100_000
+    # Kafka errors are retried for this long, then the worker exits (69) for its supervisor to restart it.
+    retry_s: float = 120.0
+    # A main loop that has not come round for this long (stuck inside a client call) is ended (69). 0: off.
+    stall_timeout_s: float = 300.0
+
+    def member_id(self) -> str:
+        """Static group membership (KIP-345): a restarted worker takes its partitions back at once instead of
+        waiting for the group to notice that its previous life died. Default: derived from the state directory,
+        which is what identifies a worker (its checkpoint)."""
+        if self.instance_id:
+            return self.instance_id
+        digest = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]
+        return f"{socket.gethostname()}-{digest}"
+
+    def learner(self, train: Mapping[str, Any] | None = None) -> LearnerSettings:
+        """The learner's settings; the logQ strength is ``logq_weight`` when set, else the one the model version was
+        trained with (its manifest's ``config.train``), so the online updates pursue the nightly objective."""
+        table = TableSettings(min_count=self.min_count, idle_ms=self.idle_ms, max_rows=self.max_rows, lr=self.lr)
+        weight = self.logq_weight if self.logq_weight is not None else float((train or {}).get("logq_weight", 1.0))
+        return LearnerSettings(
+            batch_size=self.batch_size, logq=self.logq, logq_weight=weight, user_table=table, item_table=table
+        )
