@@ -47,18 +47,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from streaming.archive import ArchiveWriter, StagedFile, publish
-from streaming.consumer import DeadLetter, check_record, subscribe
+from streaming.consumer import DeadLetterWriter, check_record, subscribe
 from streaming.events import Event, InvalidEvent, Limits
 from streaming.lifecycle import ProcessGuard, RetryBudget, run_main, setup_logging
 from streaming.settings import KafkaSettings, load_settings
-from streaming.topics import DEADLETTER, EVENT_TOPICS
+from streaming.topics import EVENT_TOPICS
 
 __all__ = ["ArchiveSink", "SinkMetrics", "main"]
 
@@ -160,7 +160,6 @@ class ArchiveSink:
         # The writer never flushes by itself: every file must go through stage -> state -> publish.
         self._writer = ArchiveWriter(self.root, max_buffered=1 << 62)
         self._polled: dict[str, int] = {}  # read since the last flush: "topic:partition" -> next offset
-        self._dead: list = []  # dead-letter send futures of the current flush
         self._types: dict[str, int] = {}  # events per type in the buffer
         self._newest_ms = 0
         self.flushes = 0
@@ -181,7 +180,7 @@ class ArchiveSink:
                 max_partition_fetch_bytes=max(1 << 20, 4 * kafka_settings.max_record_bytes),
                 reconnect_backoff_max_ms=2000,
             )
-            self._dlq = KafkaProducer(**kafka_settings.producer_config(), acks="all", linger_ms=5, retries=10**9)
+            self._dlq = DeadLetterWriter(kafka_settings, group_id, "freshtower-archive-dlq")
             topics = [kafka_settings.topic(name) for name in EVENT_TOPICS.values()]
             subscribe(self._consumer, topics, self._on_assigned, self._on_revoked)
         except BaseException:
@@ -271,14 +270,7 @@ class ArchiveSink:
         self._newest_ms = max(self._newest_ms, event.ts_ms)
 
     def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
-        letter = DeadLetter(
-            record.topic, record.partition, record.offset, record.key, record.value, reason, self.group_id
-        )
-        logger.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, reason)
-        future = self._dlq.send(
-            self.kafka.topic(DEADLETTER), key=letter.key, value=letter.value, headers=letter.headers()
-        )
-        self._dead.append(future)
+        self._dlq.send(record, reason)
         self.metrics.dead_letters.labels(record.topic).inc()
 
     # ------------------------------------------------------------------ flush
@@ -303,10 +295,7 @@ class ArchiveSink:
         return written
 
     def _flush(self) -> tuple[int, int]:
-        self._dlq.flush()
-        for future in self._dead:
-            future.get(timeout=30)  # raises the send error: nothing below happens, the records are read again
-        self._dead = []
+        self._dlq.confirm()  # raises the send error: nothing below happens, the records are read again
         offsets = {**self._offsets, **self._polled}
         staged = self._writer.stage(self._staging)
         state = {
@@ -393,7 +382,7 @@ class ArchiveSink:
         if self._closed:
             return
         self._closed = True
-        for closer in (lambda: self._consumer.close(timeout_ms=2000), lambda: self._dlq.close(timeout=2)):
+        for closer in (lambda: self._consumer.close(timeout_ms=2000), self._dlq.close):
             try:
                 closer()
             except Exception:  # closing after a broker outage may fail; the state file already holds the truth

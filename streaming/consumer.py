@@ -17,12 +17,21 @@ from dataclasses import dataclass, field
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import KafkaError
 
 from streaming.events import Event, InvalidEvent, Limits, decode, event_key
 from streaming.settings import KafkaSettings
 from streaming.topics import DEADLETTER, type_for_topic
 
-__all__ = ["DeadLetter", "EventConsumer", "RebalanceCallbacks", "Received", "check_record", "subscribe"]
+__all__ = [
+    "DeadLetter",
+    "DeadLetterWriter",
+    "EventConsumer",
+    "RebalanceCallbacks",
+    "Received",
+    "check_record",
+    "subscribe",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +71,53 @@ class DeadLetter:
             ("source.offset", str(self.offset).encode()),
             ("consumer", self.consumer.encode()),
         ]
+
+
+class DeadLetterWriter:
+    """Writes the records a consumer group refuses to the dead-letter topic, and says when Kafka has them all.
+
+    Offsets past a bad record may become durable only once its dead letter is acknowledged: a crash in between
+    then re-reads the record and dead-letters it again (twice at worst, never lost)."""
+
+    def __init__(self, settings: KafkaSettings, group_id: str, client_id: str) -> None:
+        self.group_id = group_id
+        self._topic = settings.topic(DEADLETTER)
+        self._producer = KafkaProducer(
+            **settings.producer_config(), acks="all", linger_ms=5, retries=10**9, client_id=client_id
+        )
+        self._pending: list = []  # send futures not yet confirmed
+
+    def send(self, record: ConsumerRecord, reason: str) -> None:
+        letter = DeadLetter(
+            record.topic, record.partition, record.offset, record.key, record.value, reason, self.group_id
+        )
+        logger.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, reason)
+        self._pending.append(
+            self._producer.send(self._topic, key=letter.key, value=letter.value, headers=letter.headers())
+        )
+
+    def confirm(self, timeout_s: float | None = None) -> bool:
+        """Wait up to ``timeout_s`` (``None``: as long as it takes) for every dead letter sent so far. ``False`` while
+        some are still in flight (Kafka is away); raises the send error of one Kafka refused for good."""
+        if not self._pending:
+            return True
+        try:
+            self._producer.flush(timeout=timeout_s)
+        except KafkaError:
+            pass
+        if not all(future.is_done for future in self._pending):
+            return False
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.get()
+        return True
+
+    @property
+    def unconfirmed(self) -> int:
+        return len(self._pending)
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        self._producer.close(timeout=timeout_s)
 
 
 def check_record(topic: str, key: bytes | None, value: bytes | None, settings: KafkaSettings, limits: Limits) -> Event:
@@ -147,9 +203,7 @@ class EventConsumer:
             # dead-letter topic) rather than stall the fetcher.
             max_partition_fetch_bytes=max(1 << 20, 4 * settings.max_record_bytes),
         )
-        self._dlq = KafkaProducer(**settings.producer_config(), acks="all", linger_ms=5, client_id=f"{client_id}-dlq")
-        self._dlq_topic = settings.topic(DEADLETTER)
-        self._pending: list = []  # dead-letter send futures not yet confirmed
+        self._dlq = DeadLetterWriter(settings, group_id, f"{client_id}-dlq")
 
     def poll(self, timeout_ms: int = 1000, max_records: int = 5000) -> list[Received]:
         batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
@@ -175,28 +229,19 @@ class EventConsumer:
         return Received(record.topic, record.partition, record.offset, event)
 
     def _dead_letter(self, record: ConsumerRecord, reason: str) -> None:
-        letter = DeadLetter(
-            record.topic, record.partition, record.offset, record.key, record.value, reason, self.group_id
-        )
-        logger.warning("dead letter %s[%d]@%d: %s", letter.topic, letter.partition, letter.offset, reason)
-        self._pending.append(
-            self._dlq.send(self._dlq_topic, key=letter.key, value=letter.value, headers=letter.headers())
-        )
+        self._dlq.send(record, reason)
         self.stats.dead_letters[record.topic] += 1
 
     def commit(self) -> None:
         """Flush dead letters (raising if Kafka did not take them), then commit polled offsets."""
-        self._dlq.flush()
-        pending, self._pending = self._pending, []
-        for future in pending:
-            future.get(timeout=30)  # raises the send error: the offsets stay uncommitted
+        self._dlq.confirm()  # raises the send error: the offsets stay uncommitted
         self._consumer.commit()
 
     def assignment(self) -> set[TopicPartition]:
         return self._consumer.assignment()
 
     def close(self) -> None:
-        self._dlq.flush()
+        self._dlq.confirm()
         self._dlq.close()
         self._consumer.close()
 

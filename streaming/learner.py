@@ -8,6 +8,14 @@ full retrain is promoted. Only user-ID and item-ID rows move, through the
 A mini-batch is a list of clicks in event-time order; the loss is the listwise in-batch softmax
 with the logQ correction, ``p_j`` estimated from the stream itself (Yi et al., RecSys 2019), the
 same estimator the nightly job uses.
+
+A live stream does not always fill a batch: the worker trains a partial one after ``max_batch_delay_s``. An
+in-batch softmax over one click has no negative, so its gradient is zero and nothing moves. A batch with fewer
+than ``min_negatives`` distinct items therefore gets easy negatives up to that many columns, drawn from the items
+clicked so far with ``P ∝ clicks ** 0.75`` (seed 000/002; :class:`~trainer.negatives.PowerSampler`) and
+corrected by that proposal (``log(M * P)``). Their rows only shape the softmax: no gradient reaches them. The
+draw is seeded by the batch number and the click counts are part of the checkpoint, so a replay after a crash
+draws the same negatives.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from trainer.features import FeatureEncoder
 from trainer.frequency import FrequencyEstimator
 from trainer.losses import listwise_loss
 from trainer.model import TwoTowerModel
+from trainer.negatives import PowerSampler
 
 __all__ = ["IncrementalLearner", "LearnerSettings"]
 
@@ -43,6 +52,7 @@ class LearnerSettings:
     frequency_buckets: int = 1 << 16
     frequency_hashes: int = 2
     frequency_alpha: float = 0.01
+    min_negatives: int = 64
     user_table: TableSettings = field(default_factory=TableSettings)
     item_table: TableSettings = field(default_factory=TableSettings)
 
@@ -51,6 +61,8 @@ class LearnerSettings:
             raise ValueError(f"batch_size must be >= 2 for in-batch negatives, got {self.batch_size}")
         if not (math.isfinite(self.logq_weight) and self.logq_weight >= 0):
             raise ValueError(f"logq_weight must be a finite number >= 0, got {self.logq_weight}")
+        if self.min_negatives < 0:
+            raise ValueError(f"min_negatives must be >= 0, got {self.min_negatives}")
 
 
 class IncrementalLearner:
@@ -129,8 +141,14 @@ class IncrementalLearner:
             # P(j appears) times the copies seen here, subtracted from every column (Yi et al. 2019).
             log_q = self.settings.logq_weight * (self.frequency.log_q(item_ids) + np.log(copies[item_keys]))
             log_q = torch.from_numpy(log_q)
+        extra = self._easy_negatives(item_ids)
         loss = listwise_loss(
-            a, b, temperature=self.temperature, pos_log_q=log_q, pos_ids=torch.from_numpy(item_keys.astype(np.int64))
+            a,
+            b,
+            temperature=self.temperature,
+            pos_log_q=log_q,
+            pos_ids=torch.from_numpy(item_keys.astype(np.int64)),
+            **extra,
         ).mean()
         if not torch.isfinite(loss):
             # Through the softmax a NaN or inf reaches every row of the batch: better that none moves.
@@ -146,6 +164,34 @@ class IncrementalLearner:
         self.batches += 1
         self.examples += len(examples)
         return float(loss.detach())
+
+    def _easy_negatives(self, item_ids: list[str]) -> dict[str, torch.Tensor]:
+        """``extra``, ``extra_log_q`` and ``extra_ids`` for :func:`listwise_loss` when the batch has fewer than
+        ``min_negatives`` distinct items (an empty dict otherwise). extra: [M, dim], no gradient."""
+        distinct = sorted(set(item_ids))
+        m = self.settings.min_negatives - len(distinct)
+        clicked = self.builder.counts()
+        if m <= 0 or not clicked:
+            return {}
+        catalogue = sorted(clicked)  # a deterministic order: the draw must not depend on dict history
+        counts = np.fromiter((clicked[i] for i in catalogue), dtype=np.float64, count=len(catalogue))
+        sampler = PowerSampler(counts, power=0.75, seed=self.batches, smoothing=0.0)
+        drawn = sampler.sample(m)  # [M] indices into catalogue
+        negative_ids = [catalogue[k] for k in drawn.tolist()]
+        with torch.no_grad():
+            rows, _ = self.items.gather(negative_ids)
+            extra = self.model.item_tower(
+                self.encoder.encode_items(negative_ids, self.builder.catalogue), id_rows=torch.from_numpy(rows)
+            )  # [M, dim]
+        # Ids comparable with the positives' (their index in the sorted distinct items): a drawn negative that is a
+        # row's own positive is masked rather than pushed away.
+        known = {item: k for k, item in enumerate(distinct)}
+        ids = [known.get(item, len(distinct) + k) for k, item in enumerate(negative_ids)]
+        return {
+            "extra": extra,
+            "extra_log_q": torch.from_numpy(sampler.log_q(drawn, num_draws=m)),
+            "extra_ids": torch.tensor(ids, dtype=torch.int64),
+        }
 
     def expire(self, now_ms: int) -> int:
         return self.users.expire(now_ms) + self.items.expire(now_ms)

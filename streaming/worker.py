@@ -25,11 +25,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from streaming.consumer import DeadLetter, check_record, subscribe
+from streaming.consumer import DeadLetterWriter, check_record, subscribe
 from streaming.events import Click, Event, InvalidEvent, Limits
 from streaming.examples import Example, ExampleBuilder, ExampleSettings
 from streaming.learner import IncrementalLearner
@@ -38,7 +38,6 @@ from streaming.merge import TOPIC_RANK, PartitionMerge, Queued, tp_key
 from streaming.metrics import WorkerMetrics
 from streaming.settings import KafkaSettings
 from streaming.state import StateStore
-from streaming.topics import DEADLETTER
 from streaming.worker_settings import WorkerSettings
 from trainer.artifact import ModelVersion, load_version
 from trainer.registry import Registry
@@ -95,6 +94,7 @@ class Worker:
         self.merge = PartitionMerge(self._names)
         self._last_checkpoint = time.monotonic()
         self._last_applied = time.monotonic()
+        self._pending_since = time.monotonic()  # when the oldest click of the unfinished batch was applied
         self._last_model_check = time.monotonic()
         self._status = (time.monotonic(), 0)  # (when, events applied) of the last status line
         self.applied = 0
@@ -122,8 +122,7 @@ class Worker:
         subscribe(self._group, [kafka.topic(t) for t in _USER_TOPICS], self._on_assigned, self._on_revoked)
         # The catalogue is global: every worker reads every partition of the items topic, outside the group.
         self._catalogue = KafkaConsumer(group_id=None, client_id="freshtower-worker-items", **common)
-        self._dlq = KafkaProducer(**kafka.producer_config(), acks="all", linger_ms=5, retries=10**9)
-        self._dead_letters: list = []  # send futures not yet confirmed; a checkpoint waits for them
+        self._dlq = DeadLetterWriter(kafka, settings.group_id, "freshtower-worker-dlq")
         self._assigned_items = False
         self._update_gauges()
 
@@ -207,14 +206,8 @@ class Worker:
             reason = f"internal error while decoding: {type(exc).__name__}: {exc}"
         else:
             return Queued(record.offset, event.ts_ms, event)
-        letter = DeadLetter(
-            record.topic, record.partition, record.offset, record.key, record.value, reason, self.settings.group_id
-        )
-        self._dead_letters.append(
-            self._dlq.send(self.kafka.topic(DEADLETTER), key=letter.key, value=letter.value, headers=letter.headers())
-        )
+        self._dlq.send(record, reason)
         self.metrics.dead_letters.labels(record.topic).inc()
-        logger.warning("dead letter %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
         return Queued(record.offset, -1, None)
 
     # ------------------------------------------------------------------ apply
@@ -242,7 +235,7 @@ class Worker:
         if self.builder.stats.duplicates != duplicates:
             self.metrics.duplicates.inc()
         if example is not None:
-            self.pending.append(example)
+            self._add_pending(example)
             if len(self.pending) >= self.settings.batch_size:
                 self._train()
 
@@ -256,9 +249,14 @@ class Worker:
         history = self.builder.last_n.get(event.user_id, [])
         if event.item_id in history:
             history = history[: len(history) - 1 - history[::-1].index(event.item_id)]
-        self.pending.append(Example(event.user_id, event.item_id, event.ts_ms, tuple(history), None))
+        self._add_pending(Example(event.user_id, event.item_id, event.ts_ms, tuple(history), None))
         if len(self.pending) >= self.settings.batch_size:
             self._train()
+
+    def _add_pending(self, example: Example) -> None:
+        if not self.pending:
+            self._pending_since = time.monotonic()
+        self.pending.append(example)
 
     def _train(self) -> None:
         batch, self.pending = self.pending, []
@@ -286,17 +284,9 @@ class Worker:
         so a dead letter Kafka has not acknowledged would be lost in a crash. While Kafka is away the
         checkpoint is postponed; a dead letter Kafka refused for good raises (the records are read and
         dead-lettered again after the restart)."""
-        if self._dead_letters:
-            try:
-                self._dlq.flush(timeout=5)
-            except KafkaError:
-                pass
-            if not all(f.is_done for f in self._dead_letters):
-                logger.warning("%d dead letters not acknowledged yet: checkpoint postponed", len(self._dead_letters))
-                return
-            for future in self._dead_letters:
-                future.get()  # raises the send error of a refused dead letter
-            self._dead_letters = []
+        if not self._dlq.confirm(timeout_s=5):  # raises the send error of a refused dead letter
+            logger.warning("%d dead letters not acknowledged yet: checkpoint postponed", self._dlq.unconfirmed)
+            return
         self.merge.resolve_positions()
         self.learner.flush()
         self.checkpoints += 1
@@ -452,8 +442,11 @@ class Worker:
                 self.merge.backpressure(self.settings.max_buffered_events)
                 now = time.monotonic()
                 quiet = now - self._last_applied
-                if self.pending and fetched == 0 and quiet >= self.settings.idle_flush_s and self.idle():
-                    self._train()  # nothing more is coming for now: do not hold clicks back from the model
+                waited = now - self._pending_since
+                if self.pending and fetched == 0 and waited >= self.settings.max_batch_delay_s and self.idle():
+                    # Everything there is has been read: do not hold clicks back from the model for longer. (While
+                    # there is a backlog, batches fill from it, so replays stay independent of timing.)
+                    self._train()
                 if now - self._last_checkpoint >= self.settings.checkpoint_interval_s:
                     self.checkpoint()
                 if now - self._last_model_check >= self.settings.model_poll_s:
@@ -473,7 +466,7 @@ class Worker:
         closers = (
             lambda: self._group.close(timeout_ms=2000),  # bounded: a broker that is away cannot hold up a stop
             lambda: self._catalogue.close(timeout_ms=2000),
-            lambda: self._dlq.close(timeout=2),
+            self._dlq.close,
             self.state.close,
         )
         for closer in closers:

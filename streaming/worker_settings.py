@@ -34,7 +34,10 @@ class WorkerSettings:
     checkpoint_interval_s: float = 2.0
     expire_every_batches: int = 50
     max_buffered_events: int = 100_000
-    idle_flush_s: float = 1.0
+    # A click waits at most this long (wall clock) for its mini-batch to fill once the worker has read everything
+    # there is: a partial batch is trained then, with easy negatives (min_negatives) so that even one click moves.
+    max_batch_delay_s: float = 1.0
+    min_negatives: int = 64
     change_log_checkpoints: int = 10_000
     metrics_port: int = 9101
     metrics_addr: str = "127.0.0.1"
@@ -64,5 +67,10 @@ class WorkerSettings:
         table = TableSettings(min_count=self.min_count, idle_ms=self.idle_ms, max_rows=self.max_rows, lr=self.lr)
         weight = self.logq_weight if self.logq_weight is not None else float((train or {}).get("logq_weight", 1.0))
         return LearnerSettings(
-            batch_size=self.batch_size, logq=self.logq, logq_weight=weight, user_table=table, item_table=table
+            batch_size=self.batch_size,
+            logq=self.logq,
+            logq_weight=weight,
+            min_negatives=self.min_negatives,
+            user_table=table,
+            item_table=table,
         )

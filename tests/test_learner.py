@@ -54,3 +54,39 @@ def test_a_non_finite_loss_moves_no_row(tmp_path: Path) -> None:
     assert all(np.array_equal(a, b) for a, b in zip(before, after, strict=True))
     assert all(np.isfinite(r).all() for r in after)
     assert (learner.batches, learner.examples, learner.skipped) == (1, 8, 1)
+
+
+def _learner(tmp_path: Path, name: str, min_negatives: int) -> tuple[IncrementalLearner, list]:
+    _, day_one, day_two = split_world(WORLD)
+    encoder = FeatureEncoder.fit(Dataset.from_events(day_one))
+    model = TwoTowerModel(encoder, ModelConfig(dim=8, id_dim=8, embedding_dim=4, hidden=(16,)))
+    state = StateStore(tmp_path / name, sync=False)
+    builder = ExampleBuilder(ExampleSettings(last_n=5), state)
+    settings = LearnerSettings(batch_size=8, min_negatives=min_negatives)
+    learner = IncrementalLearner(model, encoder, builder, settings, state)
+    examples = [x for x in (builder.add(e) for e in day_two) if x is not None]
+    return learner, examples
+
+
+def test_a_lone_click_moves_its_user_row_through_easy_negatives(tmp_path: Path) -> None:
+    """A softmax over one click has no negative: its gradient is zero. Easy negatives (P ∝ clicks^0.75 over the
+    items clicked so far) give the lone click something to be ranked above, and only the click's rows move."""
+    lone, examples = _learner(tmp_path, "with", min_negatives=64)
+    click = examples[-1]
+    user_before = lone.users.row(click.user_id).copy()
+    others = sorted(set(lone.builder.counts()) - {click.item_id})
+    others_before = [lone.items.row(i).copy() for i in others]
+    assert math.isfinite(lone.learn_batch([click]))
+    assert not np.array_equal(lone.users.row(click.user_id), user_before)
+    assert all(np.array_equal(lone.items.row(i), b) for i, b in zip(others, others_before, strict=True))
+
+    # Without easy negatives the same click moves nothing: the loss is -log 1 = 0.
+    bare, examples = _learner(tmp_path, "without", min_negatives=0)
+    before = bare.users.row(click.user_id).copy()
+    assert bare.learn_batch([examples[-1]]) == 0.0
+    assert np.array_equal(bare.users.row(click.user_id), before)
+
+    # The draw is seeded by the batch number and the click counts: a second learner in the same state agrees.
+    again, examples = _learner(tmp_path, "again", min_negatives=64)
+    again.learn_batch([examples[-1]])
+    np.testing.assert_array_equal(again.users.row(click.user_id), lone.users.row(click.user_id))
