@@ -31,13 +31,15 @@ lint: $(INSTALLED)
 	$(BIN)/ruff format --check .
 
 # Prometheus server, promtool and the Pushgateway (Debian packages) for the alert-rule and real-server tests, and
-# kcat (librdkafka's client) to produce compressed batches as Java and C producers do.
+# kcat (librdkafka's client) to produce compressed batches as Java and C producers do, and systemd-analyze to
+# verify the units in deploy/systemd.
 test-tools:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null && command -v kcat >/dev/null \
+	  && command -v systemd-analyze >/dev/null \
 	  && { command -v prometheus-pushgateway || command -v pushgateway; } >/dev/null || { \
-	  echo "installing Debian's prometheus, prometheus-pushgateway and kcat packages"; \
+	  echo "installing Debian's prometheus, prometheus-pushgateway, kcat and systemd packages"; \
 	  $(SUDO) apt-get update -qq && \
-	  $(SUDO) apt-get install -y -qq --no-install-recommends prometheus prometheus-pushgateway kcat; }
+	  $(SUDO) apt-get install -y -qq --no-install-recommends prometheus prometheus-pushgateway kcat systemd; }
 
 test: setup lint test-tools
 	$(BIN)/pytest
