@@ -10,8 +10,8 @@ with the logQ correction, ``p_j`` estimated from the stream itself (Yi et al., R
 same estimator the nightly job uses.
 
 A live stream does not always fill a batch: the worker trains a partial one after ``max_batch_delay_s``. An
-in-batch softmax over one click has no negative, so its gradient is zero and nothing moves. A batch with fewer
-than ``min_negatives`` distinct items therefore gets easy negatives up to that many columns, drawn from the items
+in-batch softmax over one click has no negative, so its gradient is zero and nothing moves. A partial batch with
+fewer than ``min_negatives`` distinct items therefore gets easy negatives up to that many columns, drawn from the items
 clicked so far with ``P ∝ clicks ** 0.75`` (seed 000/002; :class:`~trainer.negatives.PowerSampler`) and
 corrected by that proposal (``log(M * P)``). Their rows only shape the softmax: no gradient reaches them. The
 draw is seeded by the batch number and the click counts are part of the checkpoint, so a replay after a crash
@@ -166,8 +166,11 @@ class IncrementalLearner:
         return float(loss.detach())
 
     def _easy_negatives(self, item_ids: list[str]) -> dict[str, torch.Tensor]:
-        """``extra``, ``extra_log_q`` and ``extra_ids`` for :func:`listwise_loss` when the batch has fewer than
-        ``min_negatives`` distinct items (an empty dict otherwise). extra: [M, dim], no gradient."""
+        """``extra``, ``extra_log_q`` and ``extra_ids`` for :func:`listwise_loss` when a partial batch (fewer clicks
+        than ``batch_size``) has fewer than ``min_negatives`` distinct items (an empty dict otherwise).
+        extra: [M, dim], no gradient."""
+        if len(item_ids) >= self.settings.batch_size:
+            return {}  # a full batch trains as the nightly job does: in-batch negatives only
         distinct = sorted(set(item_ids))
         m = self.settings.min_negatives - len(distinct)
         clicked = self.builder.counts()
