@@ -156,7 +156,7 @@ def _decode(raw: bytes | None, limits: Limits) -> Event:
     if len(raw) > limits.max_bytes:
         raise InvalidEvent(f"payload is {len(raw)} bytes, limit is {limits.max_bytes}")
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw.decode("utf-8"))  # UTF-8 by contract (and without json's encoding sniffing per record)
     except (UnicodeDecodeError, ValueError) as exc:
         raise InvalidEvent(f"not valid UTF-8 JSON: {exc}") from None
     if not isinstance(obj, dict):

@@ -119,6 +119,10 @@ class PartitionMerge:
         """True while some partition may still hold an earlier record than every buffered one."""
         return any(not self.queues[tp] and not self.caught_up(tp) for tp in self.queues)
 
+    def ready(self) -> bool:
+        """True when buffered records can be released now (nothing to wait for before applying them)."""
+        return bool(self._heads) and not self.blocked()
+
     def idle(self) -> bool:
         return self.buffered == 0 and all(self.caught_up(tp) for tp in self.queues)
 
