@@ -22,6 +22,11 @@ What is measured, per grid point:
   argument (the same spot that feeds ``freshtower_sgd_step_seconds``, whose buckets are too coarse for a p99).
 * ``peak_rss_mb``: the child process's peak resident set (``VmHWM``), one process per grid point.
 
+Before the grid, kafka-python alone reads the same topics from offset 0 with the worker's fetch settings, three
+times: records only (``raw``), with ``json.loads`` of each value, and with the worker's decoding and validation
+(``check_record``). Each grid point reports its rate as a ratio of the raw one (``ratio_to_raw_consume``): measured
+in the same run on the same broker, the ratio is steadier than either rate on a shared machine.
+
 One more run (``--profile``, default batch 256 x dim 32, ``--profile-events`` 30,000 events) is made under
 cProfile; its top functions by own time and by cumulative time go into the JSON (cProfile slows Python code
 down, so its rate is not a result; the shares are what matter).
@@ -441,7 +446,7 @@ def child(
     return json.loads(out.read_text())
 
 
-def plot(results: list[dict], prepared: dict, out: Path) -> None:
+def plot(results: list[dict], prepared: dict, out: Path, raw: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -461,6 +466,13 @@ def plot(results: list[dict], prepared: dict, out: Path) -> None:
         p99 = [rows[b]["sgd_step_p99_ms"] for b in batches if b in rows]
         ax2.plot([b for b in batches if b in rows], p50, "o-", label=f"dim {dim} p50")
         ax2.plot([b for b in batches if b in rows], p99, "s--", label=f"dim {dim} p99")
+    if raw:
+        styles = {"raw": ("k", "-"), "json": ("0.4", "--"), "validate": ("0.6", ":")}
+        for stage, (color, style) in styles.items():
+            rate = raw[stage]["records_per_s"]
+            label = f"kafka-python alone ({stage}): {rate:,.0f}/s"
+            ax1.axhline(rate, color=color, linestyle=style, linewidth=1, label=label)
+        ax1.axhline(50_000, color="tab:red", linestyle="-.", linewidth=1, label="target: 50,000/s")
     ax1.set_xticks(x, [str(b) for b in batches])
     ax1.set_xlabel("batch size (clicks per SGD step)")
     ax1.set_ylabel("events applied per second (sustained)")
@@ -470,7 +482,7 @@ def plot(results: list[dict], prepared: dict, out: Path) -> None:
         f"{prepared['partitions']} partitions",
         fontsize=10,
     )
-    ax1.legend(loc="lower right")
+    ax1.legend(loc="upper left", fontsize=7)
     ax1.grid(True, axis="y", alpha=0.3)
     ax2.set_xscale("log", base=2)
     ax2.set_xticks(batches, [str(b) for b in batches])
@@ -615,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": profiled,
     }
     (args.out / "stream_throughput.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(results, prepared, args.out / "stream_throughput.png")
+    plot(results, prepared, args.out / "stream_throughput.png", raw)
     print(
         f"wrote {args.out / 'stream_throughput.json'} and {args.out / 'stream_throughput.png'} "
         f"in {report['total_runtime_s']:.0f} s"
