@@ -17,11 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from publisher.fanout import Fanout, Replica
-from publisher.publish import Publisher
-from publisher.settings import PublisherSettings
-from publisher.source import MemorySource
-from publisher.store import RocksStore
 from streaming.archive import days, read_events, visible_files
 from streaming.archive_sink import ArchiveSink
 from streaming.events import Click, encode
@@ -30,6 +25,7 @@ from streaming.settings import KafkaSettings
 from streaming.topics import ensure_topics
 from streaming.worker import Worker, WorkerSettings
 from tests.secure_kafka import SecureKafka
+from tests.test_codecs import assert_fanout_round_trip
 from tests.worker_fixtures import produce, register_model, run_to_idle, split_world
 from trainer.artifact import load_version
 
@@ -91,28 +87,7 @@ def test_worker_archive_sink_and_fanout_work_through_sasl_ssl(secure_kafka, tmp_
     secret = tmp_path / "kafka-password"
     secret.write_text(secure_kafka.users["PLAIN"][1] + "\n")
     fan_settings = secure_settings(secure_kafka, "PLAIN", prefix, sasl_password="", sasl_password_file=secret)
-    source = MemorySource(model_version="m1")
-    for i in range(50):
-        source.put_user(f"u{i}", [float(i), 1.0], [f"i{i}"], event_ms=1000)
-        source.put_item(f"i{i}", [1.0, float(i), 0.0], event_ms=1000)
-    fanout = Fanout(fan_settings)
-    primary = RocksStore(tmp_path / "primary")
-    pub = Publisher(
-        primary,
-        source,
-        PublisherSettings(store_path=tmp_path / "primary", index_kind="none", fanout=True),
-        fanout=fanout,
-    )
-    replica = Replica(fan_settings, RocksStore(tmp_path / "replica"))
-    try:
-        version = pub.publish_once().meta.version
-        assert replica.catch_up(timeout_s=30, min_version=version).version == version
-        with replica.store.reader() as view:
-            assert view.user("u7").vector.tolist() == [7.0, 1.0] and len(view.item_ids()) == 50
-    finally:
-        replica.close()
-        fanout.close()
-        primary.close()
+    assert_fanout_round_trip(fan_settings, tmp_path, rows=50)
 
 
 def _env(secure: SecureKafka, prefix: str, **kafka: str) -> dict[str, str]:
