@@ -306,10 +306,11 @@ def test_a_publisher_beside_the_running_worker_publishes_whole_checkpoints(kafka
                 assert last_n == lists[user_id], (p.version, user_id)
                 np.testing.assert_allclose(vector, learner.users.row(user_id), rtol=0, atol=1e-5)
             ids = sorted(p.items)
-            rows = np.stack([learner.items.row(i) for i in ids])
-            np.testing.assert_allclose(
-                np.stack([p.items[i] for i in ids]), item_vectors(version, ids, builder.catalogue, rows), atol=1e-5
-            )
+            if ids:  # a checkpoint may move only last-N lists (clicks whose batch has not filled yet)
+                rows = np.stack([learner.items.row(i) for i in ids])
+                np.testing.assert_allclose(
+                    np.stack([p.items[i] for i in ids]), item_vectors(version, ids, builder.catalogue, rows), atol=1e-5
+                )
             # The check has teeth: some published user's row and last-N still move after this checkpoint.
             later = {c.user_id for c in clicks[applied:]}
             discriminating += any(
