@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -117,6 +118,10 @@ def run(settings: ServingSettings) -> int:
                 print(f"serving on http://{host}:{port}", flush=True)
 
     threading.Thread(target=announce, daemon=True).start()
+    # uvicorn handles SIGTERM/SIGINT while it runs, then raises the signal again with the handler it found:
+    # this one, so the process goes on to close its stores and exits 0 instead of dying of the signal.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda n, _f: logger.info("received %s: stopped", signal.Signals(n).name))
     try:
         api.run()  # handles SIGTERM / SIGINT: stops accepting, drains, returns
     finally:

@@ -183,6 +183,7 @@ def create_app(
         summary="Online two-tower retrieval over freshly published embeddings",
         version="1",
         responses=_ERRORS,
+        redirect_slashes=False,  # a wrong path is a 404, not a redirect to guess at
     )
 
     def authorised(request: Request) -> None:
