@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serving.snapshot import Snapshot
-from serving.user_vector import user_vectors
+from serving.user_vector import is_known, user_vectors
 from serving.worker_records import WorkerRecords
 from streaming.events import UserProfile
 
@@ -91,7 +91,14 @@ def recommend(
     t3 = time.perf_counter()
     timings = {"store_ms": (t1 - t0) * 1e3, "user_tower_ms": (t2 - t1) * 1e3, "search_ms": (t3 - t2) * 1e3}
     meta = snapshot.meta
-    return Answer(items, meta.model_version, meta.version, meta.watermark_ms, cold=row is None, timings_ms=timings)
+    return Answer(
+        items,
+        meta.model_version,
+        meta.version,
+        meta.watermark_ms,
+        cold=row is None and not is_known(snapshot.model, key),
+        timings_ms=timings,
+    )
 
 
 def similar(snapshot: Snapshot, item_id: str, k: int) -> Answer:

@@ -7,8 +7,10 @@ nightly runs (DESIGN.md "Updating the model"). So ``a = user_tower(profile, last
 same vector the worker trains against, and fresh clicks move it twice: through the trained ID row and through
 the last-N list.
 
-A user the store does not know is a cold start, not an error: the model's default ID row (row 0, learnt from
-the rows training masks to it) plus whatever the request sent (recent items, profile fields).
+A user the store holds no row for but the model knows (no click since the model's data cutoff) gets the model's
+own ID row, which is what the publisher would publish for them. A user neither knows is a cold start, not an
+error: the model's default ID row (row 0, learnt from the rows training masks to it) plus whatever the request
+sent (recent items, profile fields).
 """
 
 from __future__ import annotations
@@ -21,12 +23,17 @@ import torch
 from streaming.events import UserProfile
 from trainer.artifact import ModelVersion
 
-__all__ = ["default_row", "user_vectors"]
+__all__ = ["is_known", "model_row", "user_vectors"]
 
 
-def default_row(version: ModelVersion) -> np.ndarray:
-    """The model's default user-ID row ``[id_dim]`` (row 0), what an unknown user starts from."""
-    return version.model.user_tower.id_table.weight[0].detach().numpy()
+def model_row(version: ModelVersion, user_id: str) -> np.ndarray:
+    """The model's own ID row ``[id_dim]`` of ``user_id``; row 0, the default, for a user it does not know."""
+    return version.model.user_tower.id_table.weight[version.encoder.user_vocab.index(user_id)].detach().numpy()
+
+
+def is_known(version: ModelVersion, user_id: str) -> bool:
+    """Whether the model has an ID row of its own for ``user_id``."""
+    return user_id in version.encoder.user_vocab
 
 
 @torch.no_grad()
@@ -39,15 +46,20 @@ def user_vectors(
 ) -> np.ndarray:
     """Unit user vectors ``[B, dim]``.
 
-    ``id_rows[b]``: the published ID row ``[id_dim]``, or None for the default row (also used when a row's size
-    does not fit the model, which a consistent snapshot never produces); ``histories[b]``: clicked item ids,
+    ``id_rows[b]``: the published ID row ``[id_dim]``, or None for the model's own row of the user (row 0 when it
+    does not know the user; also used when a row's size does not fit the model, which a consistent snapshot never
+    produces); ``histories[b]``: clicked item ids,
     oldest first (the last N are used; ids the model does not know map to its unknown row); ``profiles[b]``:
     the profile, or None for default features.
     """
     model = version.model
     id_dim = model.user_tower.id_table.embedding_dim
-    fallback = default_row(version)
-    rows = np.stack([r if r is not None and r.shape == (id_dim,) else fallback for r in id_rows]).astype(np.float32)
+    rows = np.stack(
+        [
+            r if r is not None and r.shape == (id_dim,) else model_row(version, u)
+            for u, r in zip(user_ids, id_rows, strict=True)
+        ]
+    ).astype(np.float32)
     by_user = {u: p for u, p in zip(user_ids, profiles, strict=True) if p is not None}
     batch = version.encoder.encode_users(list(user_ids), by_user, [list(h) for h in histories])
     return model.user_tower(batch, id_rows=torch.from_numpy(rows)).numpy()  # [B, dim]
