@@ -45,7 +45,7 @@ class ServingSettings:
     exact_max_items: int = 200_000
     hnsw_m: int = 32
     hnsw_ef_construction: int = 40
-    hnsw_ef_search: int = 128
+    hnsw_ef_search: int = 256
     refresh_interval_s: float = 0.2
     default_k: int = 20
     max_k: int = 500

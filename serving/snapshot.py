@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from publisher.index import Index, IndexSnapshots, apply_delta, load_index, make_index
+from publisher.index import HNSWIndex, Index, IndexSnapshots, apply_delta, load_index, make_index
 from publisher.records import Delta, Meta
 from publisher.store import RocksSecondary, StoreView
 from serving.metrics import ServingMetrics
@@ -235,6 +235,8 @@ class ServedVersions:
             else:
                 wanted = self._kind(len(index))
                 if index.dim == meta.item_dim and index.kind == wanted:
+                    if isinstance(index, HNSWIndex):  # the search breadth is serving's setting, not the publisher's
+                        index.ef_search = self.settings.hnsw_ef_search
                     logger.info("loaded index snapshot %s (%s, %d items)", path, index.kind, len(index))
                     return index, version
                 logger.info(
