@@ -1,4 +1,4 @@
-"""Serving latency at 100k and 1M items: exact search against HNSW, over loopback HTTP, one serving process.
+"""Serving latency at 100k and 1M items: exact search against IVF and HNSW, over loopback HTTP, one process.
 
 For each catalogue size the bench writes a real RocksDB store (item vectors in 64 dimensions, 10,000 users
 with an ID row and a last-N of 20), a small 64-d model version (untrained: the towers' cost does not depend
@@ -8,7 +8,8 @@ embeddings than uniform noise on the sphere and harder than well-separated clust
 
 Measured per (size, index kind):
 
-- recall@100 of the index against exact search, over 500 user vectors computed by the serving code;
+- recall@100 of the index against exact search, over 500 user vectors computed by the serving code, for a
+  sweep of search breadths (HNSW ``ef_search``, IVF ``nprobe``); served: the smallest breadth reaching 0.95;
 - in-process search time per query (faiss alone) and the build time of the index;
 - over HTTP, ``python -m serving run --index KIND``: p50/p99 of ``GET /recommend?k=100`` from one client
   sending one request at a time (``--requests``), and requests/s with ``--concurrency`` clients in flight;
@@ -123,9 +124,12 @@ def measure_index(kind: str, vectors: np.ndarray, q: np.ndarray, exact: list[lis
         index.upsert(ids[s : s + 100_000], vectors[s : s + 100_000])
     build = time.perf_counter() - start
     sweep = []
-    for ef in args.ef_search if kind == "hnsw" else [0]:
+    breadths = {"hnsw": args.ef_search, "ivf": args.nprobe}.get(kind, [0])
+    for ef in breadths:
         if kind == "hnsw":
             index.ef_search = ef  # type: ignore[attr-defined]
+        elif kind == "ivf":
+            index.nprobe = ef  # type: ignore[attr-defined]
         found = []
         times = []
         for row in q:
@@ -138,17 +142,19 @@ def measure_index(kind: str, vectors: np.ndarray, q: np.ndarray, exact: list[lis
             recall = float(np.mean([len(set(a) & set(b)) / K for a, b in zip(found, exact, strict=True)]))
         sweep.append(
             {
-                "ef_search": ef or None,
+                "breadth": ef or None,
                 "search_p50_ms": round(float(np.percentile(times, 50)) * 1e3, 3),
                 "search_p99_ms": round(float(np.percentile(times, 99)) * 1e3, 3),
                 "recall_at_100": round(recall, 4),
                 "found": found,
             }
         )
-    # Served: the smallest ef_search that reaches recall@100 >= 0.95 (the largest tried when none does).
+    # Served: the smallest breadth (ef_search, nprobe) that reaches recall@100 >= 0.95 (else the largest tried).
     chosen = next((s for s in sweep if s["recall_at_100"] >= 0.95), sweep[-1])
     if kind == "hnsw":
-        index.ef_search = chosen["ef_search"]  # type: ignore[attr-defined]
+        index.ef_search = chosen["breadth"]  # type: ignore[attr-defined]
+    elif kind == "ivf":
+        index.nprobe = chosen["breadth"]  # type: ignore[attr-defined]
     return {
         "index": index,
         "found": chosen.pop("found"),
@@ -159,13 +165,17 @@ def measure_index(kind: str, vectors: np.ndarray, q: np.ndarray, exact: list[lis
 
 
 def start_serving(
-    store: Path, models: Path, index_dir: Path, kind: str, ef_search: int | None, log: Path
+    store: Path, models: Path, index_dir: Path, kind: str, breadth: int | None, log: Path
 ) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = [sys.executable, "-m", "serving", "run", "--store", str(store), "--models", str(models)]
     cmd += ["--index-dir", str(index_dir), "--index", kind, "--port", str(port), "--metrics-port", str(free_port())]
     with open(log, "w") as out:
-        env = {**os.environ, "FRESHTOWER_SERVING_HNSW_EF_SEARCH": str(ef_search or 128)}
+        env = {**os.environ}
+        if kind == "hnsw":
+            env["FRESHTOWER_SERVING_HNSW_EF_SEARCH"] = str(breadth)
+        elif kind == "ivf":
+            env["FRESHTOWER_SERVING_IVF_NPROBE"] = str(breadth)
         process = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -228,7 +238,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    labels = [f"{r['items'] // 1000}k {r['kind']}" for r in rows]
+    labels = [f"{r['items'] // 1000}k {r['kind']}" + (f" {r['breadth']}" if r["breadth"] else "") for r in rows]
     parts = ["mean_store_ms", "mean_user_tower_ms", "mean_search_ms", "mean_http_and_rest_ms"]
     bottom = np.zeros(len(rows))
     for part in parts:
@@ -251,10 +261,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--hnsw-m", type=int, default=32)
     parser.add_argument("--ef-construction", type=int, default=40)
-    parser.add_argument("--ef-search", default="128,256,512", help="HNSW search breadths to sweep")
+    parser.add_argument("--kinds", default="flat,ivf,hnsw", help="index kinds; flat first (the exact reference)")
+    parser.add_argument("--ef-search", default="128,256,512,1024", help="HNSW search breadths to sweep")
+    parser.add_argument("--nprobe", default="32,64,128,256,512", help="IVF lists probed to sweep")
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/serving_latency.json")
     args = parser.parse_args()
     args.ef_search = [int(e) for e in args.ef_search.split(",")]
+    args.nprobe = [int(e) for e in args.nprobe.split(",")]
     logging.basicConfig(level=logging.WARNING)
     rng = np.random.default_rng(0)
     rows = []
@@ -270,14 +283,14 @@ def main() -> None:
             print(f"{size} items: store written in {time.perf_counter() - t:.1f} s", flush=True)
             q = queries(version, root / "kv", 500)
             exact = None
-            for kind in ("flat", "hnsw"):
+            for kind in args.kinds.split(","):
                 measured = measure_index(kind, vectors, q, exact, args)
                 if kind == "flat":
                     exact = measured["found"]
                 IndexSnapshots(root / f"index-{kind}").save(measured.pop("index"), last)
                 measured.pop("found")
                 index_dir, log = root / f"index-{kind}", root / f"{kind}.log"
-                process, url = start_serving(root / "kv", tmp / "models", index_dir, kind, measured["ef_search"], log)
+                process, url = start_serving(root / "kv", tmp / "models", index_dir, kind, measured["breadth"], log)
                 try:
                     row = {"items": size, "kind": kind, **measured, **http_figures(url, args)}
                 finally:
@@ -291,6 +304,7 @@ def main() -> None:
         "k": K,
         "users": USERS,
         "hnsw": {"m": args.hnsw_m, "ef_construction": args.ef_construction, "ef_search_swept": args.ef_search},
+        "ivf": {"nlist": "4*sqrt(n)", "nprobe_swept": args.nprobe},
         "requests": args.requests,
         "concurrency": args.concurrency,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",

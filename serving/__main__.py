@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--host", help="API address (default 127.0.0.1)")
     run.add_argument("--port", type=int, help="API port (default 8000; 0 picks a free one)")
     run.add_argument("--metrics-port", type=int, help="Prometheus port (default 9103; 0 picks a free one)")
-    run.add_argument("--index", choices=("auto", "flat", "hnsw"), help="index kind (default auto)")
+    run.add_argument("--index", choices=("auto", "flat", "hnsw", "ivf"), help="index kind (default auto)")
     run.add_argument("--token-file", type=Path, help="a file holding the bearer token the API requires")
     run.add_argument("--prior-gamma", type=float, help="serve-time item prior weight (0: off)")
     run.add_argument("--log-level", default="INFO")

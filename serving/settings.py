@@ -10,7 +10,7 @@ from streaming.settings import SettingsError
 
 __all__ = ["INDEX_KINDS", "ServingSettings"]
 
-INDEX_KINDS = ("auto", "flat", "hnsw")
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,8 @@ class ServingSettings:
     ``worker_state``: optional, the streaming worker's state on this host, read as a secondary for user
     profiles (``GET /recommend``) and the item click counts of the serve-time prior.
 
-    ``index_kind``: ``flat`` (exact), ``hnsw``, or ``auto`` (exact up to ``exact_max_items`` items, HNSW
-    above; bench/serving_latency.py). ``prior_gamma`` > 0 turns the serve-time item prior on
+    ``index_kind``: ``flat`` (exact), ``hnsw``, ``ivf``, or ``auto`` (exact up to ``exact_max_items`` items,
+    ``ann_kind`` above; bench/serving_latency.py measured the choice). ``prior_gamma`` > 0 turns the serve-time item prior on
     (``cos/τ + γ·log p_j`` over the ``prior_candidates`` nearest items; needs ``worker_state``).
     ``token``: when set, every API request needs ``Authorization: Bearer <token>`` (not ``/healthz``).
     ``latency_target_s`` is exported for the p99 alert. Bounds: ``max_k``, ``max_body_bytes``,
@@ -46,6 +46,8 @@ class ServingSettings:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 40
     hnsw_ef_search: int = 256
+    ivf_nprobe: int = 32
+    ann_kind: str = "ivf"
     refresh_interval_s: float = 0.2
     default_k: int = 20
     max_k: int = 500
@@ -65,6 +67,8 @@ class ServingSettings:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         if self.index_kind not in INDEX_KINDS:
             raise SettingsError(f"setting 'index_kind': expected one of {INDEX_KINDS}, got {self.index_kind!r}")
+        if self.ann_kind not in ("hnsw", "ivf"):
+            raise SettingsError(f"setting 'ann_kind': expected 'hnsw' or 'ivf', got {self.ann_kind!r}")
         if not 1 <= self.default_k <= self.max_k <= 10_000:
             raise SettingsError(
                 f"settings 'default_k', 'max_k': expected 1 <= default_k <= max_k <= 10000, "

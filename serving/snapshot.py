@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from publisher.index import HNSWIndex, Index, IndexSnapshots, apply_delta, load_index, make_index
+from publisher.ivf import IVFIndex
 from publisher.records import Delta, Meta
 from publisher.store import RocksSecondary, StoreView
 from serving.metrics import ServingMetrics
@@ -200,12 +201,19 @@ class ServedVersions:
     def _kind(self, items: int) -> str:
         kind = self.settings.index_kind
         if kind == "auto":
-            return "flat" if items <= self.settings.exact_max_items else "hnsw"
+            return "flat" if items <= self.settings.exact_max_items else self.settings.ann_kind
         return kind
 
     def _new_index(self, kind: str, dim: int) -> Index:
         s = self.settings
-        return make_index(kind, dim, m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search)
+        return make_index(
+            kind,
+            dim,
+            m=s.hnsw_m,
+            ef_construction=s.hnsw_ef_construction,
+            ef_search=s.hnsw_ef_search,
+            nprobe=s.ivf_nprobe,
+        )
 
     def _bring_index(self, side: _Side, view: StoreView, meta: Meta) -> None:
         """``side.index`` at ``meta.version``: the delta since its version, or a fresh load or build."""
@@ -235,8 +243,11 @@ class ServedVersions:
             else:
                 wanted = self._kind(len(index))
                 if index.dim == meta.item_dim and index.kind == wanted:
-                    if isinstance(index, HNSWIndex):  # the search breadth is serving's setting, not the publisher's
+                    # The search breadth is serving's setting, not the publisher's.
+                    if isinstance(index, HNSWIndex):
                         index.ef_search = self.settings.hnsw_ef_search
+                    elif isinstance(index, IVFIndex):
+                        index.nprobe = self.settings.ivf_nprobe
                     logger.info("loaded index snapshot %s (%s, %d items)", path, index.kind, len(index))
                     return index, version
                 logger.info(
