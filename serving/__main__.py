@@ -52,7 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--index", choices=("auto", "flat", "hnsw", "ivf"), help="index kind (default auto)")
     run.add_argument("--token-file", type=Path, help="a file holding the bearer token the API requires")
     run.add_argument("--prior-gamma", type=float, help="serve-time item prior weight (0: off)")
+    run.add_argument("--metrics-addr", help="Prometheus address (default 127.0.0.1)")
     run.add_argument("--log-level", default="INFO")
+    run.set_defaults(run=cmd_run)
     return parser
 
 
@@ -66,6 +68,7 @@ def settings_from(args: argparse.Namespace) -> ServingSettings:
         "host": args.host,
         "port": args.port,
         "metrics_port": args.metrics_port,
+        "metrics_addr": args.metrics_addr,
         "index_kind": args.index,
         "token": token,
         "prior_gamma": args.prior_gamma,
@@ -135,8 +138,7 @@ def run(settings: ServingSettings) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = settings_from(args)
@@ -148,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
 
 
 if __name__ == "__main__":
