@@ -14,6 +14,7 @@ import logging
 import struct
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,9 +32,12 @@ _NO_LIMITS = Limits(max_bytes=1 << 30, max_future_ms=1 << 62)  # validated when 
 
 
 class WorkerRecords:
-    """Read-only access to profiles (``prof:``) and click counts (``c:``) of the worker state at ``state_dir``."""
+    """Read-only access to profiles (``prof:``) and click counts (``c:``) of the worker state at ``state_dir``.
 
-    def __init__(self, state_dir: str | Path) -> None:
+    The total of the counts (the denominator of ``p_j``) is re-summed at most every ``total_every_s`` seconds.
+    """
+
+    def __init__(self, state_dir: str | Path, *, total_every_s: float = 10.0) -> None:
         self.state_dir = Path(state_dir)
         if not (self.state_dir / "CURRENT").exists():
             raise FileNotFoundError(f"no worker state at {self.state_dir}: expected the worker's RocksDB directory")
@@ -41,6 +45,8 @@ class WorkerRecords:
         self._state = StateStore(self.state_dir, secondary=self._tmp.name)
         self._lock = threading.Lock()
         self._total = 0
+        self._summed_at = -float("inf")
+        self.total_every_s = total_every_s
 
     def catch_up(self) -> None:
         """Follow the worker's newest checkpoint (the refresher calls this); also re-sums the click counts."""
@@ -49,7 +55,10 @@ class WorkerRecords:
                 self._state.catch_up()
             except Exception as exc:  # rocksdict raises plain Exception; the next refresh tries again
                 logger.warning("catching up with the worker state at %s failed: %s", self.state_dir, exc)
-            self._total = sum(_COUNT.unpack(v)[0] for _, v in self._state.scan(b"c:"))
+            now = time.monotonic()
+            if now - self._summed_at >= self.total_every_s:  # a scan of every counter: not at every refresh
+                self._total = sum(_COUNT.unpack(v)[0] for _, v in self._state.scan(b"c:"))
+                self._summed_at = now
 
     def profile(self, user_id: str) -> UserProfile | None:
         raw = self._state.get(b"prof:" + user_id.encode())
