@@ -114,6 +114,30 @@ def test_recommend_filters_clicked_and_removed_items_and_serves_new_ones(model, 
             served.close()
 
 
+@pytest.mark.parametrize("ann_kind", ["ivf", "hnsw"])
+def test_auto_index_turns_approximate_above_the_exact_limit_and_follows_removals(
+    model, tmp_path: Path, ann_kind
+) -> None:
+    models, version = model
+    with RocksStore(tmp_path / "kv", sync=False) as store:
+        publish_version(store, version, 1)
+        served = served_versions(tmp_path / "kv", models, exact_max_items=100, ann_kind=ann_kind)
+        try:
+            served.refresh()
+            assert served.current.index.kind == ann_kind and len(served.current.index) == len(version.item_ids)
+            item = version.item_ids[5]
+            with served.acquire() as snap:
+                assert similar(snap, version.item_ids[6], 300).items  # every other item, none missing
+                assert item in {i for i, _ in similar(snap, version.item_ids[6], 300).items}
+            publish_version(store, version, 2, items={}, removed_items=frozenset([item]))
+            served.refresh()
+            with served.acquire() as snap:
+                found = {i for i, _ in similar(snap, version.item_ids[6], 300).items}
+            assert item not in found and len(found) == len(version.item_ids) - 2
+        finally:
+            served.close()
+
+
 def test_a_request_keeps_its_version_while_newer_ones_are_swapped_in(model, tmp_path: Path) -> None:
     models, version = model
     user = version.encoder.user_vocab.tokens[1]
