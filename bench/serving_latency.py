@@ -293,6 +293,11 @@ def main() -> None:
                 process, url = start_serving(root / "kv", tmp / "models", index_dir, kind, measured["breadth"], log)
                 try:
                     row = {"items": size, "kind": kind, **measured, **http_figures(url, args)}
+                except Exception:
+                    print(
+                        f"serving failed ({kind}, {size} items); its log ends:\n{log.read_text()[-3000:]}", flush=True
+                    )
+                    raise
                 finally:
                     process.terminate()
                     process.wait(30)

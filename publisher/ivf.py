@@ -72,7 +72,8 @@ class IVFIndex(Index):
         if not ids:
             return
         self.remove([i for i in ids if i in self._labels])
-        if self._index is None:
+        fresh = self._index is None
+        if fresh:
             self._index = self._train(x)
         labels = np.arange(self._next, self._next + len(ids), dtype=np.int64)
         self._next += len(ids)
@@ -80,7 +81,8 @@ class IVFIndex(Index):
         for item_id, label in zip(ids, labels.tolist(), strict=True):
             self._labels[item_id] = label
             self._names[label] = item_id
-        self._churn += len(ids)
+        if not fresh:  # the vectors trained on are what the centroids describe, not churn
+            self._churn += len(ids)
         if self._churn > self.rebuild_fraction * max(self._trained_size, 1) or len(self) > 4 * self._trained_size:
             self.rebuild()
 
@@ -134,7 +136,8 @@ class IVFIndex(Index):
     @classmethod
     def _restore(cls, header: dict[str, Any], index: faiss.Index) -> IVFIndex:
         out = cls(header["dim"], **header["params"])
-        out._index = faiss.downcast_index(index) if not isinstance(index, faiss.IndexIVFFlat) else index
+        out._index = index if isinstance(index, faiss.IndexIVFFlat) else faiss.downcast_index(index)
+        out._owner = index  # a downcast view does not own the memory: keep the owner alive with it
         out._names = dict(zip(header["labels"], header["ids"], strict=True))
         out._labels = {name: label for label, name in out._names.items()}
         out._next, out._trained_size, out._churn = header["next"], header["trained_size"], header["churn"]
