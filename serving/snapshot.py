@@ -17,7 +17,8 @@ an update holds. The process keeps two *sides*, each a RocksDB secondary of the 
 A request marks the side it uses (:meth:`ServedVersions.acquire`), and checks after marking that the snapshot
 is still current, so the refresher never touches a side a request is reading.
 
-At start each side loads the publisher's newest index snapshot at or below its store version
+Until the publisher has created the store, nothing is served (``/readyz`` answers 503). Then each side loads
+the publisher's newest index snapshot at or below its store version
 (:class:`publisher.index.IndexSnapshots`) and catches up from there; without one it builds from every item
 row. With ``index_kind="auto"`` the kind follows the catalogue size (``exact_max_items``).
 """
@@ -120,9 +121,7 @@ class ServedVersions:
         self._models = _Models(settings.models_dir)
         self._snapshots = IndexSnapshots(settings.resolved_index_dir)
         self._tmp = tempfile.TemporaryDirectory(prefix="freshtower-serving-")
-        self._sides = [
-            _Side(name, RocksSecondary(settings.store_path, Path(self._tmp.name) / name)) for name in ("a", "b")
-        ]
+        self._sides: list[_Side] = []  # opened by the first refresh that finds the store (the publisher makes it)
         self._current: Snapshot | None = None
         self._swap = threading.Lock()  # only refreshers take it: one update at a time
 
@@ -154,6 +153,8 @@ class ServedVersions:
     def refresh(self, drain_timeout_s: float = 30.0) -> bool:
         """Bring the standby side to the newest version and serve it; returns whether a new snapshot was swapped in."""
         with self._swap:
+            if not self._sides and not self._open_sides():
+                return False
             current = self._current
             standby = next(s for s in self._sides if current is None or s is not current.side)
             deadline = time.monotonic() + drain_timeout_s
@@ -180,6 +181,14 @@ class ServedVersions:
         self.metrics.index_build_seconds.set(built)
         self.metrics.served(meta.model_version, meta.version, meta.watermark_ms, len(standby.index))
         logger.debug("serving version %d (model %s, %d items)", meta.version, meta.model_version, len(standby.index))
+        return True
+
+    def _open_sides(self) -> bool:
+        if not (self.settings.store_path / "CURRENT").exists():
+            logger.debug("no store at %s yet; not ready", self.settings.store_path)
+            return False
+        root = Path(self._tmp.name)
+        self._sides = [_Side(name, RocksSecondary(self.settings.store_path, root / name)) for name in ("a", "b")]
         return True
 
     def run(self, stop: threading.Event) -> None:

@@ -138,6 +138,21 @@ def test_auto_index_turns_approximate_above_the_exact_limit_and_follows_removals
             served.close()
 
 
+def test_not_ready_until_the_publisher_has_made_the_store_and_a_version(model, tmp_path: Path) -> None:
+    models, version = model
+    served = served_versions(tmp_path / "kv", models)
+    try:
+        assert not served.refresh() and not served.ready
+        with pytest.raises(LookupError, match="no store version"), served.acquire():
+            pass
+        with RocksStore(tmp_path / "kv", sync=False) as store:
+            assert not served.refresh() and not served.ready  # a store, but no version in it yet
+            publish_version(store, version, 1)
+            assert served.refresh() and served.current.meta.version == 1
+    finally:
+        served.close()
+
+
 def test_a_request_keeps_its_version_while_newer_ones_are_swapped_in(model, tmp_path: Path) -> None:
     models, version = model
     user = version.encoder.user_vocab.tokens[1]
