@@ -127,6 +127,15 @@ class Running:
         assert not self.errors, self.errors
 
 
+def settle(running: Running, client: httpx.Client, user: str) -> None:
+    """Wait for two more publish cycles (the worker checkpoints every 0.2 s), then for serving to serve the
+    newest version written."""
+    cycles = running.cycles
+    wait_for(lambda: running.cycles >= cycles + 2, 30, "two more publish cycles")
+    newest = max(running.published)
+    wait_for(lambda: top20(client, user)["publish_version"] >= newest, 30, f"serving to reach version {newest}")
+
+
 def top20(client: httpx.Client, user: str) -> dict:
     response = client.get("/recommend", params={"user_id": user, "k": 20})
     assert response.status_code == 200, response.text
@@ -168,9 +177,12 @@ def test_a_click_burst_moves_the_top20_after_the_next_publish_and_not_without_th
             # A burst of 24 clicks: 3 on each of 8 items of that category, after everything the worker has.
             start = max(cutoff, running.worker.builder.watermark_ms) + 1_000
             burst = [Click(user, targets[k % 8], f"burst-{k}", start + 100 * k) for k in range(24)]
+            trained_before = running.worker.learner.examples
             produce(kafka_settings, burst)
-            wait_for(lambda: top20(client, user)["watermark_ms"] >= burst[-1].ts_ms, 60, "the burst to be published")
+            wait_for(lambda: running.worker.learner.examples >= trained_before + 24, 60, "the burst to be learnt")
+            settle(running, client, user)
             after = top20(client, user)
+            assert after["watermark_ms"] >= burst[-1].ts_ms
             items = set(by_category[category])
             print(f"category {category}: share of the top-20 {share(before, items):.2f} -> {share(after, items):.2f}")
             assert after["publish_version"] > before["publish_version"]
@@ -179,6 +191,8 @@ def test_a_click_burst_moves_the_top20_after_the_next_publish_and_not_without_th
 
             # Nightly-only: the worker stops; the same user's next burst on another category reaches Kafka only.
             running.stop_worker()
+            settle(running, client, user)
+            stopped = top20(client, user)
             other = max((c for c in shares if c != category), key=lambda c: len(by_category[c]))
             burst2 = [
                 Click(user, sorted(by_category[other])[k % 8], f"night-{k}", start + 10_000 + 100 * k)
@@ -188,7 +202,8 @@ def test_a_click_burst_moves_the_top20_after_the_next_publish_and_not_without_th
             cycles = running.cycles
             wait_for(lambda: running.cycles >= cycles + 3, 30, "three more publish cycles")
             still = top20(client, user)
-            assert still["items"] == after["items"] and still["publish_version"] == after["publish_version"]
+            assert still["items"] == stopped["items"] and still["publish_version"] == stopped["publish_version"]
+            assert [h["item_id"] for h in still["items"]] == [h["item_id"] for h in after["items"]]
     finally:
         running.stop()
 
