@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         if publishing:
             p.add_argument("--interval", type=float, help="seconds between publishes, 1 to 86400")
             p.add_argument("--metrics-port", type=int, help="port of /metrics (0 = any free port)")
-            p.add_argument("--index", choices=["flat", "hnsw", "none"], help="item index kind")
+            p.add_argument("--index", choices=["flat", "hnsw", "ivf", "none"], help="item index kind")
             p.add_argument("--fanout", action="store_true", help="also write each version to the fan-out topic")
 
     run = sub.add_parser("run", help="publish the streaming worker's state, or any ChangeSource")

@@ -1,10 +1,11 @@
 """The item index: item vectors searchable by inner product, updated in place as items change.
 
-Two kinds behind one :class:`Index` contract: :class:`FlatIndex` (exact; ``IndexIDMap2`` over
+Three kinds behind one :class:`Index` contract: :class:`FlatIndex` (exact; ``IndexIDMap2`` over
 ``IndexFlatIP``, removal is O(n)) and :class:`HNSWIndex` (approximate graph search; HNSW cannot
 delete, so a replaced or removed vector stays in the graph, is hidden from results by an
 ``IDSelectorBitmap`` at search time, and the graph is rebuilt from the live vectors once more than
-``rebuild_fraction`` of it is dead). Measured on 1M x 64-d vectors (facts.md): HNSW32 efSearch 128
+``rebuild_fraction`` of it is dead); and :class:`publisher.ivf.IVFIndex` (inverted lists with real
+removal, retrained when much of it changed). Measured on 1M x 64-d vectors (facts.md): HNSW32 efSearch 128
 answers in 0.25-0.58 ms with recall@10 0.92-0.95 and adds a vector in ~0.3 ms; the contract tests
 require recall@10 >= 0.9 against the flat index. Scores are inner products: the towers emit
 L2-normalised vectors, so they are cosines.
@@ -299,13 +300,23 @@ class HNSWIndex(Index):
 _KINDS: dict[str, type[Index]] = {FlatIndex.kind: FlatIndex, HNSWIndex.kind: HNSWIndex}
 
 
-def make_index(kind: str, dim: int, *, m: int = 32, ef_construction: int = 40, ef_search: int = 128) -> Index:
-    """An empty index of ``kind`` ("flat" or "hnsw")."""
+def _kinds() -> dict[str, type[Index]]:
+    from publisher.ivf import IVFIndex  # its own module; it imports this one
+
+    return {**_KINDS, IVFIndex.kind: IVFIndex}
+
+
+def make_index(
+    kind: str, dim: int, *, m: int = 32, ef_construction: int = 40, ef_search: int = 128, nprobe: int = 32
+) -> Index:
+    """An empty index of ``kind`` ("flat", "hnsw" or "ivf", :mod:`publisher.ivf`)."""
     if kind == "flat":
         return FlatIndex(dim)
     if kind == "hnsw":
         return HNSWIndex(dim, m=m, ef_construction=ef_construction, ef_search=ef_search)
-    raise ValueError(f"index kind: expected one of {sorted(_KINDS)}, got {kind!r}")
+    if kind == "ivf":
+        return _kinds()["ivf"](dim, nprobe=nprobe)  # type: ignore[call-arg]
+    raise ValueError(f"index kind: expected one of {sorted(_kinds())}, got {kind!r}")
 
 
 def load_index(path: str | Path) -> Index:
@@ -316,9 +327,9 @@ def load_index(path: str | Path) -> Index:
     (n,) = _LEN.unpack_from(data, len(_MAGIC))
     start = len(_MAGIC) + _LEN.size
     header = json.loads(data[start : start + n])
-    cls = _KINDS.get(header.get("kind"))
+    cls = _kinds().get(header.get("kind"))
     if cls is None:
-        raise ValueError(f"{path}: unknown index kind {header.get('kind')!r}; known: {sorted(_KINDS)}")
+        raise ValueError(f"{path}: unknown index kind {header.get('kind')!r}; known: {sorted(_kinds())}")
     index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8, offset=start + n).copy())
     return cls._restore(header, index)  # already of its concrete type; downcast_index would not own it
 

@@ -228,7 +228,12 @@ class Publisher:
     def _new_index(self, dim: int) -> Index:
         s = self.settings
         return make_index(
-            s.index_kind, dim, m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search
+            s.index_kind,
+            dim,
+            m=s.hnsw_m,
+            ef_construction=s.hnsw_ef_construction,
+            ef_search=s.hnsw_ef_search,
+            nprobe=s.ivf_nprobe,
         )
 
     def _sync_index(self) -> None:

@@ -9,7 +9,7 @@ from streaming.settings import SettingsError
 
 __all__ = ["INDEX_KINDS", "PublisherSettings"]
 
-INDEX_KINDS = ("flat", "hnsw", "none")
+INDEX_KINDS = ("flat", "hnsw", "ivf", "none")
 MIN_INTERVAL_S = 1.0
 MAX_INTERVAL_S = 24 * 3600.0
 
@@ -37,6 +37,7 @@ class PublisherSettings:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 40
     hnsw_ef_search: int = 128
+    ivf_nprobe: int = 32
     fanout: bool = False
     fanout_topic: str = "embeddings"
 

@@ -46,6 +46,14 @@ SCALARS = {
     "freshtower_published_rows_total",
     "freshtower_publish_failures_total",
     "freshtower_requests_total",
+    "freshtower_served_model_info",
+    "freshtower_served_publish_version",
+    "freshtower_served_watermark_timestamp_seconds",
+    "freshtower_served_freshness_seconds",
+    "freshtower_index_items",
+    "freshtower_index_build_seconds",
+    "freshtower_snapshot_swaps_total",
+    "freshtower_serving_latency_target_seconds",
     "freshtower_archive_events_total",
     "freshtower_archive_skipped_total",
     "freshtower_archive_flush_timestamp_seconds",
@@ -72,7 +80,12 @@ NIGHTLY = {
     )
     for metric in registry.collect()
 }
-HISTOGRAMS = {"freshtower_sgd_step_seconds", "freshtower_publish_duration_seconds", "freshtower_request_seconds"}
+HISTOGRAMS = {
+    "freshtower_sgd_step_seconds",
+    "freshtower_publish_duration_seconds",
+    "freshtower_request_seconds",
+    "freshtower_request_stage_seconds",
+}
 KNOWN_SERIES = SCALARS | NIGHTLY | {h + suffix for h in HISTOGRAMS for suffix in ("_bucket", "_count", "_sum")}
 METRIC_NAME = re.compile(r"\bfreshtower_[a-z0-9_]+")
 # Grafana's built-in interval variables, given a sample value so the expression parses as PromQL.
@@ -112,7 +125,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
     defined = set(re.findall(r"^\s*- alert: (\w+)$", rules, re.MULTILINE))
     quiet = set(re.findall(r"alertname: (\w+)\n\s*exp_alerts: \[\]", tests))
     firing = set(re.findall(r"alertname: (\w+)\n\s*exp_alerts:\n\s*- exp_labels:", tests))
-    assert len(defined) == 17, sorted(defined)
+    assert len(defined) == 20, sorted(defined)
     assert defined - quiet == set(), "alerts without a case where they stay quiet"
     assert defined - firing == set(), "alerts without a case where they fire"
     assert (quiet | firing) - defined == set(), "tests of alerts that do not exist"
@@ -123,7 +136,7 @@ def test_rules_and_config_agree_on_job_names() -> None:
     config = (PROMETHEUS_DIR / "prometheus.yml").read_text()
     jobs = set(re.findall(r"job_name: (\S+)", config))
     named = set(re.findall(r'job="([^"]+)"', rules))
-    assert named == {"freshtower-worker", "freshtower-publisher", JOB}
+    assert named == {"freshtower-worker", "freshtower-publisher", "freshtower-serving", JOB}
     # The nightly job's label comes from its pushes, kept by a scrape job that honours labels.
     scraped = named - {JOB}
     assert scraped <= jobs, f"alerts.yml names jobs {sorted(scraped - jobs)} that prometheus.yml does not scrape"
@@ -149,6 +162,8 @@ def test_alert_rules_reference_only_exported_metrics() -> None:
         "freshtower_full_outcome",
         "freshtower_full_running",
         "freshtower_full_last_start_timestamp_seconds",
+        "freshtower_served_publish_version",
+        "freshtower_serving_latency_target_seconds",
     } <= names
 
 
@@ -183,7 +198,7 @@ def check_expressions(exprs: list[str], tmp_path: Path) -> subprocess.CompletedP
 
 def test_dashboard_queries_parse(tmp_path: Path) -> None:
     queries = dashboard_queries()
-    assert len(queries) == 30
+    assert len(queries) == 38
     leftover = {k: q for k, q in queries.items() if "$" in q}
     assert leftover == {}, "dashboard variables the check does not know"
     result = check_expressions(list(queries.values()), tmp_path)
@@ -215,6 +230,8 @@ def test_dashboard_references_only_exported_metrics() -> None:
         "time() - freshtower_full_last_success_timestamp_seconds",
         "time() - freshtower_archive_watermark_timestamp_seconds",
         "freshtower_full_holdout_recall",
+        "freshtower_served_freshness_seconds",
+        "freshtower_index_items",
     ):
         assert needed in exprs, needed
 

@@ -45,7 +45,7 @@ def assert_parses(argv: list[str], where: str) -> None:
 
 def test_every_freshtower_service_command_parses():
     services = freshtower_services()
-    assert {"worker", "publisher", "archive", "compact-archive", "trainer", "replay"} <= set(services)
+    assert {"worker", "publisher", "archive", "compact-archive", "trainer", "replay", "serving"} <= set(services)
     for name, command in services.items():
         assert_parses(command, name)
 
@@ -139,7 +139,7 @@ def test_mounted_files_and_image_sources_exist():
             assert (REPO / part).exists(), f"the Dockerfile copies {part}, which is missing"
 
 
-@pytest.mark.parametrize("service", ["worker", "publisher", "archive"])
+@pytest.mark.parametrize("service", ["worker", "publisher", "archive", "serving"])
 def test_metrics_ports_match_the_compose_prometheus_targets(service):
     prometheus = yaml.safe_load((REPO / "deploy" / "prometheus" / "prometheus.compose.yml").read_text())
     targets = {t for job in prometheus["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
