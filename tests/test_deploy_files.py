@@ -75,7 +75,7 @@ def test_systemd_units_pass_systemd_analyze_verify(tmp_path):
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
         "freshtower-archive.service", "freshtower-nightly.service", "freshtower-nightly.timer",
-        "freshtower-publisher.service", "freshtower-worker.service",
+        "freshtower-publisher.service", "freshtower-serving.service", "freshtower-worker.service",
     ]  # fmt: skip
     done = subprocess.run(
         [verify, "verify", "--man=no", *names], cwd=tmp_path, capture_output=True, text=True, timeout=60
@@ -97,6 +97,14 @@ def test_long_running_units_restart_on_a_stall_but_not_on_a_refusal(unit):
     assert stop > 8  # the processes' own forced exit comes first
     (command,) = python_m_commands(re.search(r"^ExecStart=(.+)$", text, re.M).group(1))
     assert_parses(command, unit)
+
+
+def test_the_serving_unit_parses_and_restarts_on_failure():
+    text = (UNITS / "freshtower-serving.service").read_text()
+    assert re.search(r"^Restart=on-failure$", text, re.M)
+    (command,) = python_m_commands(re.search(r"^ExecStart=(.+)$", text, re.M).group(1))
+    assert command[:2] == ["serving", "run"]
+    assert_parses(command, "serving")
 
 
 def test_the_nightly_unit_runs_compaction_then_the_retrain():
