@@ -198,7 +198,7 @@ def check_expressions(exprs: list[str], tmp_path: Path) -> subprocess.CompletedP
 
 def test_dashboard_queries_parse(tmp_path: Path) -> None:
     queries = dashboard_queries()
-    assert len(queries) == 38
+    assert len(queries) == 40
     leftover = {k: q for k, q in queries.items() if "$" in q}
     assert leftover == {}, "dashboard variables the check does not know"
     result = check_expressions(list(queries.values()), tmp_path)
