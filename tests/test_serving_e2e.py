@@ -77,7 +77,7 @@ class Running:
             group_id=f"w-{uuid.uuid4().hex[:8]}",
             batch_size=16,
             checkpoint_interval_s=0.2,
-            idle_flush_s=0.2,
+            max_batch_delay_s=0.2,
             model_poll_s=model_poll_s,
             sync=False,
         )
