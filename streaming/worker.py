@@ -12,7 +12,8 @@ every other assigned partition either has a buffered event at or after it or has
 end. Mini-batches are cut every ``batch_size`` clicks of that sequence. So the sequence of updates
 depends only on what is in Kafka, and after a SIGKILL the worker reloads the last checkpoint, seeks
 to its offsets and re-applies exactly the updates that were lost. (A partial batch is trained
-early only when the stream goes idle, which in a live stream depends on timing.)
+early only once everything in Kafka has been read and its oldest click has waited ``max_batch_delay_s``,
+which in a live stream depends on timing. The merge itself is :mod:`streaming.merge`.)
 """
 
 from __future__ import annotations
