@@ -39,18 +39,27 @@ class WorkerRecords:
 
     def __init__(self, state_dir: str | Path, *, total_every_s: float = 10.0) -> None:
         self.state_dir = Path(state_dir)
-        if not (self.state_dir / "CURRENT").exists():
-            raise FileNotFoundError(f"no worker state at {self.state_dir}: expected the worker's RocksDB directory")
         self._tmp = tempfile.TemporaryDirectory(prefix="freshtower-serving-worker-")
-        self._state = StateStore(self.state_dir, secondary=self._tmp.name)
+        self._state: StateStore | None = None
         self._lock = threading.Lock()
         self._total = 0
         self._summed_at = -float("inf")
         self.total_every_s = total_every_s
+        if not self._open():
+            # A serving process may start before the worker's first run: default profiles until the state exists.
+            logger.warning("no worker state at %s yet: default profiles and no prior until it appears", state_dir)
+
+    def _open(self) -> bool:
+        if self._state is None and (self.state_dir / "CURRENT").exists():
+            self._state = StateStore(self.state_dir, secondary=self._tmp.name)
+            logger.info("reading profiles and click counts from the worker state at %s", self.state_dir)
+        return self._state is not None
 
     def catch_up(self) -> None:
         """Follow the worker's newest checkpoint (the refresher calls this); also re-sums the click counts."""
         with self._lock:
+            if not self._open():
+                return
             try:
                 self._state.catch_up()
             except Exception as exc:  # rocksdict raises plain Exception; the next refresh tries again
@@ -61,6 +70,8 @@ class WorkerRecords:
                 self._summed_at = now
 
     def profile(self, user_id: str) -> UserProfile | None:
+        if self._state is None:
+            return None
         raw = self._state.get(b"prof:" + user_id.encode())
         if raw is None:
             return None
@@ -73,8 +84,12 @@ class WorkerRecords:
     def log_prior(self, item_ids: Sequence[str]) -> np.ndarray:
         """``log p_j`` ``[n]`` float32: each item's share of the stream's clicks, add-one smoothed (an unclicked
         item gets ``log(1 / (total + n_items))`` rather than minus infinity)."""
+        state = self._state
         counts = np.array(
-            [_COUNT.unpack(r)[0] if (r := self._state.get(b"c:" + i.encode())) else 0 for i in item_ids],
+            [
+                _COUNT.unpack(r)[0] if state is not None and (r := state.get(b"c:" + i.encode())) else 0
+                for i in item_ids
+            ],
             dtype=np.float64,
         )
         total = self._total + len(item_ids)
@@ -82,5 +97,6 @@ class WorkerRecords:
 
     def close(self) -> None:
         with self._lock:
-            self._state.close()
+            if self._state is not None:
+                self._state.close()
             self._tmp.cleanup()

@@ -179,12 +179,21 @@ def test_a_request_keeps_its_version_while_newer_ones_are_swapped_in(model, tmp_
 
 def test_serve_time_prior_reranks_by_log_click_share(model, tmp_path: Path) -> None:
     models, version = model
+    # A serving process started before the worker's first run: no prior, no profile, and no error ...
+    early = WorkerRecords(tmp_path / "worker")
+    early.catch_up()
+    assert early.profile("u1") is None
+    np.testing.assert_allclose(early.log_prior(["x", "y"]), np.log([1 / 2, 1 / 2]), rtol=1e-6)
     state = StateStore(tmp_path / "worker", sync=False)
     a, b, c = version.item_ids[1:4]
     # Click counts 3, 1, 0 (and none elsewhere): total 4.
     for item, count in ((a, 3), (b, 1)):
         state.put(b"c:" + item.encode(), count.to_bytes(8, "little", signed=True))
     state.checkpoint({}, {"checkpoints": 1})
+    # ... until the worker has made its state: the same reader picks it up at its next catch-up.
+    early.catch_up()
+    np.testing.assert_allclose(early.log_prior([a, b, c]), np.log([4 / 7, 2 / 7, 1 / 7]), rtol=1e-6)
+    early.close()
     records = WorkerRecords(tmp_path / "worker")
     try:
         records.catch_up()
