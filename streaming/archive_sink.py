@@ -450,13 +450,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()
-    kafka = load_settings(
-        KafkaSettings,
-        section="kafka",
-        config=args.config,
-        overrides={"bootstrap_servers": args.bootstrap, "topic_prefix": args.topic_prefix},
-    )
-    return run_main("archive sink", lambda: run_sink(args, kafka))
+
+    def sink() -> int:
+        kafka = load_settings(
+            KafkaSettings,
+            section="kafka",
+            config=args.config,
+            overrides={"bootstrap_servers": args.bootstrap, "topic_prefix": args.topic_prefix},
+        )
+        return run_sink(args, kafka)
+
+    return run_main("archive sink", sink)
 
 
 if __name__ == "__main__":

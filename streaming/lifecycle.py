@@ -31,6 +31,8 @@ from types import FrameType
 
 from kafka.errors import AuthorizationError, KafkaError, SaslAuthenticationFailedError
 
+from streaming.settings import SettingsError
+
 __all__ = [
     "EXIT_AUTH",
     "EXIT_STALLED",
@@ -192,9 +194,13 @@ class ProcessGuard:
 
 def run_main(name: str, main: Callable[[], int | None]) -> int:
     """Run a process's main function. A Kafka stall or refusal ends it with one clear error line and its exit code
-    (:data:`EXIT_STALLED`, :data:`EXIT_AUTH`) instead of a traceback; anything else propagates."""
+    (:data:`EXIT_STALLED`, :data:`EXIT_AUTH`) instead of a traceback, and so do bad settings (exit 2, as for bad
+    flags); anything else propagates."""
     try:
         return int(main() or 0)
+    except SettingsError as exc:
+        logger.error("%s: bad settings: %s", name, exc)
+        return 2
     except (KafkaStalled, KafkaAuthFailed, KafkaError) as exc:
         code = exit_code(exc)
         if code is None:

@@ -82,3 +82,65 @@ def test_the_worker_follows_the_logq_weight_its_model_was_trained_with():
     assert loaded.learner(trained).logq_weight == 0.75
     with pytest.raises(ValueError, match="logq_weight"):
         LearnerSettings(logq_weight=-1.0)
+
+
+def test_kafka_client_config_carries_tls_sasl_and_the_codec(tmp_path) -> None:
+    from streaming.settings import KafkaSettings
+
+    ca, cert, key, secret = (tmp_path / n for n in ("ca.pem", "client.pem", "client.key", "password"))
+    for path in (ca, cert, key):
+        path.write_text("-----BEGIN-----\n")
+    secret.write_text("s3cr3t-from-file\n")
+    env = {
+        "FRESHTOWER_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "FRESHTOWER_KAFKA_SSL_CAFILE": str(ca),
+        "FRESHTOWER_KAFKA_SSL_CERTFILE": str(cert),
+        "FRESHTOWER_KAFKA_SSL_KEYFILE": str(key),
+        "FRESHTOWER_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+        "FRESHTOWER_KAFKA_SASL_USERNAME": "worker",
+        "FRESHTOWER_KAFKA_SASL_PASSWORD_FILE": str(secret),
+        "FRESHTOWER_KAFKA_COMPRESSION": "zstd",
+    }
+    settings = load_settings(KafkaSettings, section="kafka", environ=env)
+    assert settings.client_config() == {
+        "bootstrap_servers": "127.0.0.1:9092",
+        "security_protocol": "SASL_SSL",
+        "ssl_check_hostname": True,
+        "ssl_cafile": str(ca),
+        "ssl_certfile": str(cert),
+        "ssl_keyfile": str(key),
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_plain_username": "worker",
+        "sasl_plain_password": "s3cr3t-from-file",  # read from the file, the newline stripped
+    }
+    assert settings.producer_config()["compression_type"] == "zstd"
+    assert KafkaSettings().producer_config()["compression_type"] is None
+    # The password from the environment is never part of the settings' repr (settings may be logged).
+    plain = load_settings(
+        KafkaSettings,
+        section="kafka",
+        environ={**env, "FRESHTOWER_KAFKA_SASL_PASSWORD_FILE": "", "FRESHTOWER_KAFKA_SASL_PASSWORD": "pw-in-env"},
+    )
+    assert plain.client_config()["sasl_plain_password"] == "pw-in-env" and "pw-in-env" not in repr(plain)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"compression": "brotli"}, "compression: expected one of"),
+        ({"security_protocol": "TLS"}, "security_protocol: expected one of"),
+        ({"security_protocol": "SASL_SSL", "sasl_username": "u"}, "needs a password"),
+        ({"security_protocol": "SASL_SSL", "sasl_password": "p"}, "needs sasl_username"),
+        ({"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "GSSAPI", "sasl_username": "u"}, "sasl_mechanism"),
+        ({"ssl_certfile": "/nonexistent/client.pem"}, "go together"),
+        ({"ssl_cafile": "/nonexistent/ca.pem"}, "is not a readable file"),
+    ],
+)
+def test_kafka_settings_refuse_what_no_client_could_use(fields, message) -> None:
+    from pathlib import Path
+
+    from streaming.settings import KafkaSettings
+
+    fields = {k: Path(v) if k.startswith("ssl_") else v for k, v in fields.items()}
+    with pytest.raises(SettingsError, match=message):
+        KafkaSettings(**fields)
