@@ -39,7 +39,16 @@ import numpy as np
 
 from publisher.records import Delta
 
-__all__ = ["FlatIndex", "HNSWIndex", "Index", "IndexSnapshots", "apply_delta", "load_index", "make_index"]
+__all__ = [
+    "FlatIndex",
+    "HNSWIndex",
+    "Index",
+    "IndexSnapshots",
+    "LabelledIndex",
+    "apply_delta",
+    "load_index",
+    "make_index",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -133,44 +142,35 @@ def _dedupe(ids: Sequence[str], x: np.ndarray) -> tuple[list[str], np.ndarray]:
     return list(last), x[list(last.values())]
 
 
-class FlatIndex(Index):
-    """Exact search: every vector scored. The reference the approximate kinds are measured against."""
+class LabelledIndex(Index):
+    """An index whose faiss side holds int64 labels: the map between item ids and labels, kept here once.
 
-    kind = "flat"
+    A label is never reused (``_next`` only grows), so an upsert is a removal of the old label plus a new one."""
 
     def __init__(self, dim: int) -> None:
         super().__init__(dim)
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._labels: dict[str, int] = {}
         self._names: dict[int, str] = {}
         self._next = 0
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        ids, x = _dedupe(ids, self._vectors(ids, vectors))
-        if not ids:
-            return
-        self.remove([i for i in ids if i in self._labels])
+    def _assign(self, ids: list[str]) -> np.ndarray:
+        """New labels for ``ids`` (none of them held any more): int64 ``[n]``."""
         labels = np.arange(self._next, self._next + len(ids), dtype=np.int64)
         self._next += len(ids)
-        self._index.add_with_ids(x, labels)
         for item_id, label in zip(ids, labels.tolist(), strict=True):
             self._labels[item_id] = label
             self._names[label] = item_id
+        return labels
 
-    def remove(self, ids: Iterable[str]) -> int:
+    def _forget(self, ids: Iterable[str]) -> np.ndarray:
+        """Drop the labels of those ``ids`` that are held: int64 labels, for the faiss side to remove."""
         labels = [self._labels.pop(i) for i in set(ids) if i in self._labels]
-        if labels:
-            self._index.remove_ids(np.asarray(labels, dtype=np.int64))
-            for label in labels:
-                del self._names[label]
-        return len(labels)
+        for label in labels:
+            del self._names[label]
+        return np.asarray(labels, dtype=np.int64)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
-        q = self._queries(queries)
-        if not self._labels:
-            return [[] for _ in range(len(q))], np.full((len(q), k), -np.inf, dtype=np.float32)
-        distances, labels = self._index.search(q, k)
-        return self._pack_results(distances, labels, self._names, k)
+    def _empty(self, q: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        return [[] for _ in range(len(q))], np.full((len(q), k), -np.inf, dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self._labels)
@@ -178,16 +178,52 @@ class FlatIndex(Index):
     def __contains__(self, item_id: object) -> bool:
         return item_id in self._labels
 
+    def _label_header(self) -> dict[str, Any]:
+        return {"labels": list(self._names), "ids": list(self._names.values()), "next": self._next}
+
+    def _restore_labels(self, header: dict[str, Any]) -> None:
+        self._names = dict(zip(header["labels"], header["ids"], strict=True))
+        self._labels = {name: label for label, name in self._names.items()}
+        self._next = header["next"]
+
+
+class FlatIndex(LabelledIndex):
+    """Exact search: every vector scored. The reference the approximate kinds are measured against."""
+
+    kind = "flat"
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        ids, x = _dedupe(ids, self._vectors(ids, vectors))
+        if not ids:
+            return
+        self.remove([i for i in ids if i in self._labels])
+        self._index.add_with_ids(x, self._assign(ids))
+
+    def remove(self, ids: Iterable[str]) -> int:
+        labels = self._forget(ids)
+        if len(labels):
+            self._index.remove_ids(labels)
+        return len(labels)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
+        q = self._queries(queries)
+        if not self._labels:
+            return self._empty(q, k)
+        distances, labels = self._index.search(q, k)
+        return self._pack_results(distances, labels, self._names, k)
+
     def _export(self) -> tuple[dict[str, Any], faiss.Index]:
-        return {"labels": list(self._names), "ids": list(self._names.values()), "next": self._next}, self._index
+        return self._label_header(), self._index
 
     @classmethod
     def _restore(cls, header: dict[str, Any], index: faiss.Index) -> FlatIndex:
         out = cls(header["dim"])
         out._index = index
-        out._names = dict(zip(header["labels"], header["ids"], strict=True))
-        out._labels = {name: label for label, name in out._names.items()}
-        out._next = header["next"]
+        out._restore_labels(header)
         return out
 
 

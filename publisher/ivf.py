@@ -22,7 +22,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from publisher.index import Index, _dedupe
+from publisher.index import LabelledIndex, _dedupe
 
 __all__ = ["IVFIndex"]
 
@@ -33,7 +33,7 @@ def _nlist_for(n: int) -> int:
     return max(1, min(int(4 * math.sqrt(n)), n // 39, 65_536))
 
 
-class IVFIndex(Index):
+class IVFIndex(LabelledIndex):
     """Approximate inner-product search over ``nlist`` inverted lists, ``nprobe`` of them scanned per query."""
 
     kind = "ivf"
@@ -47,9 +47,6 @@ class IVFIndex(Index):
         self._index: faiss.IndexIVFFlat | None = None
         self._trained_size = 0
         self._churn = 0  # vectors upserted since training
-        self._labels: dict[str, int] = {}
-        self._names: dict[int, str] = {}
-        self._next = 0
 
     @property
     def nlist(self) -> int:
@@ -75,23 +72,16 @@ class IVFIndex(Index):
         fresh = self._index is None
         if fresh:
             self._index = self._train(x)
-        labels = np.arange(self._next, self._next + len(ids), dtype=np.int64)
-        self._next += len(ids)
-        self._index.add_with_ids(x, labels)
-        for item_id, label in zip(ids, labels.tolist(), strict=True):
-            self._labels[item_id] = label
-            self._names[label] = item_id
+        self._index.add_with_ids(x, self._assign(ids))
         if not fresh:  # the vectors trained on are what the centroids describe, not churn
             self._churn += len(ids)
         if self._churn > self.rebuild_fraction * max(self._trained_size, 1) or len(self) > 4 * self._trained_size:
             self.rebuild()
 
     def remove(self, ids: Iterable[str]) -> int:
-        labels = [self._labels.pop(i) for i in set(ids) if i in self._labels]
-        if labels and self._index is not None:
-            self._index.remove_ids(np.asarray(labels, dtype=np.int64))
-            for label in labels:
-                del self._names[label]
+        labels = self._forget(ids)
+        if len(labels) and self._index is not None:
+            self._index.remove_ids(labels)
         return len(labels)
 
     def rebuild(self) -> None:
@@ -108,25 +98,17 @@ class IVFIndex(Index):
     def search(self, queries: np.ndarray, k: int) -> tuple[list[list[str]], np.ndarray]:
         q = self._queries(queries)
         if self._index is None or not self._labels:
-            return [[] for _ in range(len(q))], np.full((len(q), k), -np.inf, dtype=np.float32)
+            return self._empty(q, k)
         params = faiss.SearchParametersIVF()
         params.nprobe = min(self.nprobe, self._index.nlist)
         distances, labels = self._index.search(q, k, params=params)
         return self._pack_results(distances, labels, self._names, k)
 
-    def __len__(self) -> int:
-        return len(self._labels)
-
-    def __contains__(self, item_id: object) -> bool:
-        return item_id in self._labels
-
     def _export(self) -> tuple[dict[str, Any], faiss.Index]:
         if self._index is None:
             raise ValueError("an IVF index with no vectors has no trained centroids to save")
         header = {
-            "labels": list(self._names),
-            "ids": list(self._names.values()),
-            "next": self._next,
+            **self._label_header(),
             "params": {"nprobe": self.nprobe, "rebuild_fraction": self.rebuild_fraction},
             "trained_size": self._trained_size,
             "churn": self._churn,
@@ -138,7 +120,6 @@ class IVFIndex(Index):
         out = cls(header["dim"], **header["params"])
         out._index = index if isinstance(index, faiss.IndexIVFFlat) else faiss.downcast_index(index)
         out._owner = index  # a downcast view does not own the memory: keep the owner alive with it
-        out._names = dict(zip(header["labels"], header["ids"], strict=True))
-        out._labels = {name: label for label, name in out._names.items()}
-        out._next, out._trained_size, out._churn = header["next"], header["trained_size"], header["churn"]
+        out._restore_labels(header)
+        out._trained_size, out._churn = header["trained_size"], header["churn"]
         return out
