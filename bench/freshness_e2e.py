@@ -28,18 +28,15 @@ every 0.5 s and training a partial batch after 0.5 s, to show what those two set
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +46,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from stream_throughput import _free_port as free_port  # noqa: E402  (bench/ is the script's directory)
+from stream_throughput import broker  # noqa: E402
+
 from publisher.store import RocksSecondary  # noqa: E402
 from streaming.events import Click, Impression  # noqa: E402
 from streaming.producer import EventProducer  # noqa: E402
@@ -57,25 +57,7 @@ from streaming.sources.synthetic import SyntheticWorld, WorldConfig  # noqa: E40
 from streaming.state import StateStore  # noqa: E402
 from streaming.topics import ensure_topics  # noqa: E402
 
-KAFKA_SH = REPO / "deploy" / "kafka" / "kafka.sh"
 STAGES = ("learnt", "store", "served")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def broker(workdir: Path) -> Iterator[str]:
-    port, cport = free_port(), free_port()
-    common = ["--port", str(port), "--controller-port", str(cport), "--data-dir", str(workdir / "kafka")]
-    subprocess.run([str(KAFKA_SH), "start", *common], check=True, timeout=300)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([str(KAFKA_SH), "stop", *common], check=False, timeout=120)
 
 
 def register_model(root: Path, seed: int) -> tuple[dict[str, np.ndarray], list[str]]:
@@ -302,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(args.seed)
     started = time.time()
     results = []
-    with tempfile.TemporaryDirectory(prefix="freshtower-fresh-") as tmp, broker(Path(tmp)) as bootstrap:
+    with tempfile.TemporaryDirectory(prefix="freshtower-fresh-") as tmp, broker(None, Path(tmp)) as bootstrap:
         base, items = register_model(Path(tmp) / "models", args.seed)
         runs = [(interval, duration, {}) for interval, duration in zip(intervals, durations, strict=True)]
         if args.tuned:
