@@ -263,6 +263,8 @@ class Worker:
 
     def _train(self) -> None:
         batch, self.pending = self.pending, []
+        if not self.settings.learn:
+            return
         with self.metrics.sgd_seconds.time():
             loss = self.learner.learn_batch(batch)
         if math.isfinite(loss):

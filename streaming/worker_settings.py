@@ -38,6 +38,9 @@ class WorkerSettings:
     # there is: a partial batch is trained then, with easy negatives (min_negatives) so that even one click moves.
     max_batch_delay_s: float = 1.0
     min_negatives: int = 64
+    # False: keep the features current (last-N lists, catalogue, profiles, counters) and publish the model's own
+    # ID rows, without SGD: freshness through features alone (the main job's check of its own harness).
+    learn: bool = True
     change_log_checkpoints: int = 10_000
     metrics_port: int = 9101
     metrics_addr: str = "127.0.0.1"

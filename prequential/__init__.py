@@ -1,0 +1,1 @@
+"""The main job: the whole system replayed on a simulated clock, scored test-then-train (prequential)."""
