@@ -10,8 +10,9 @@ number of excluded ids, so filtering never leaves fewer than ``k`` results when 
 
 The serve-time item prior (seed 004; ``trainer eval --serving-prior``): with ``prior_gamma`` γ > 0 the nearest
 ``prior_candidates`` items by cosine are re-ranked by ``cos/τ + γ·log p_j``, ``p_j`` each item's share of the
-stream's clicks. The README plans the same score as one more index dimension (``[a/τ, γ]·[b, log p_j]``); the
-re-rank is exact for every item among the candidates and misses a popular item only when it is not among them.
+stream's clicks. The design planned the same score as one more index dimension (``[a/τ, γ]·[b, log p_j]``;
+docs/limits.md); the re-rank is exact for every item among the candidates and misses a popular item only when it
+is not among them.
 """
 
 from __future__ import annotations
