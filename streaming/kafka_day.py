@@ -1,4 +1,4 @@
-"""One day of events read back from Kafka by timestamp: what ``trainer full --source kafka`` trains on.
+"""One day (or several) of events read back from Kafka by timestamp: what ``trainer full --source kafka`` trains on.
 
 The event archive (:mod:`streaming.archive`) is the nightly job's usual source. Where the topics' retention
 covers the day, the job can read it from Kafka instead, with no archive sink running:
@@ -14,6 +14,9 @@ covers the day, the job can read it from Kafka instead, with no archive sink run
   may already have replaced an item's record of that time by a newer one; the oldest record still there
   then stands in for it, provided the item was created before the day's end. A profile is never taken
   from after the day.
+
+``days`` > 1 reads the ``days`` UTC days ending with the day as one range: ``[start of the first, end of the
+last)`` for the clicks and impressions, the items and profiles as of the last day's end.
 
 A day that retention has begun to delete is refused (:class:`DayTruncated`): when a partition of clicks or
 impressions has lost records (its log starts past offset 0) and its oldest record left is later than the
@@ -62,9 +65,10 @@ class KafkaDay:
     outside: int = 0  # clicks and impressions read that belong to another day
 
 
-def _day_bounds(day: dt.date) -> tuple[int, int]:
-    start = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000)
-    return start, start + DAY_MS
+def _day_bounds(day: dt.date, days: int = 1) -> tuple[int, int]:
+    """``[start, end)`` in epoch milliseconds of the ``days`` UTC days ending with ``day``."""
+    end = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC).timestamp() * 1000) + DAY_MS
+    return end - days * DAY_MS, end
 
 
 def as_of(records: Iterable[Item | UserProfile], end_ms: int) -> list[Item | UserProfile]:
@@ -169,13 +173,17 @@ def iter_day(
     lateness_ms: int = 3_600_000,
     timeout_s: float = 60.0,
     stats: ReadStats | None = None,
+    days: int = 1,
 ) -> Iterator[Event]:
     """The events of ``day`` (UTC) from the topics of ``settings`` (see the module docstring), streamed: first the
     items and profiles as of the day's end (one record per id, held in memory to pick it), then the clicks and
-    impressions one at a time, so that a large day is never held whole. ``stats`` is filled in as it goes.
-    Raises :class:`DayTruncated` before yielding anything when retention has begun to delete the day."""
+    impressions one at a time, so that a large day is never held whole. ``days``: the ``days`` days ending with
+    ``day`` instead, as one range. ``stats`` is filled in as it goes. Raises :class:`DayTruncated` before
+    yielding anything when retention has begun to delete the range."""
+    if days < 1:
+        raise ValueError(f"days must be >= 1, got {days}")
     stats = stats if stats is not None else ReadStats()
-    start_ms, end_ms = _day_bounds(day)
+    start_ms, end_ms = _day_bounds(day, days)
     limits = Limits(max_bytes=settings.max_record_bytes, max_future_ms=1 << 62)  # old events are not skewed
     consumer = KafkaConsumer(
         **settings.client_config(),
@@ -223,8 +231,8 @@ def iter_day(
     if stats.skipped:
         logger.warning("skipped invalid records (already dead-lettered by the worker): %s", dict(stats.skipped))
     logger.info(
-        "day %s from Kafka: %d records read, %d events kept, %d of other days",
-        day,
+        "%s from Kafka: %d records read, %d events kept, %d of other days",
+        f"day {day}" if days == 1 else f"{days} days to {day}",
         stats.records,
         stats.kept,
         stats.outside,
@@ -232,9 +240,14 @@ def iter_day(
 
 
 def read_day(
-    settings: KafkaSettings, day: dt.date, *, lateness_ms: int = 3_600_000, timeout_s: float = 60.0
+    settings: KafkaSettings,
+    day: dt.date,
+    *,
+    lateness_ms: int = 3_600_000,
+    timeout_s: float = 60.0,
+    days: int = 1,
 ) -> KafkaDay:
     """:func:`iter_day` as a list, with what was left out."""
     stats = ReadStats()
-    events = list(iter_day(settings, day, lateness_ms=lateness_ms, timeout_s=timeout_s, stats=stats))
+    events = list(iter_day(settings, day, lateness_ms=lateness_ms, timeout_s=timeout_s, stats=stats, days=days))
     return KafkaDay(events, stats.records, stats.skipped, stats.outside)

@@ -16,13 +16,25 @@ import torch
 import trainer.full
 from streaming.archive import ArchiveWriter, read_day
 from streaming.events import Click
+from streaming.settings import SettingsError, load_settings
 from streaming.sources.synthetic import SyntheticWorld, WorldConfig
 from tests.full_fixtures import DAY1, DAY2, MODEL, full_settings
 from trainer.__main__ import main
 from trainer.artifact import load_version
 from trainer.dataset import Dataset
 from trainer.distributed import shard_by_user
-from trainer.full import EXIT_BUSY, EXIT_NO_DATA, EXIT_PROMOTED, EXIT_REFUSED, FullResult, pick_day, run_full
+from trainer.full import (
+    EXIT_BUSY,
+    EXIT_NO_DATA,
+    EXIT_PROMOTED,
+    EXIT_REFUSED,
+    FullResult,
+    FullSettings,
+    load_day,
+    load_days,
+    pick_day,
+    run_full,
+)
 from trainer.registry import Registry
 from trainer.train import TrainConfig
 
@@ -218,3 +230,68 @@ def test_the_default_day_is_not_learnt_twice(archive: Path, tmp_path: Path) -> N
     assert Registry(models).current() == second.version_id and len(Registry(models).list()) == 2
     # Asked for by name, the day is trained again.
     assert run_full(dataclasses.replace(newest, day=DAY2.isoformat()), MODEL, TRAIN).outcome == "promoted"
+
+
+DAY3 = dt.date(2024, 1, 3)
+
+
+@pytest.fixture(scope="module")
+def three_days(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("archive3")
+    world = SyntheticWorld(
+        WorldConfig(seed=5, n_users=150, n_items=200, days=3.0, requests_per_day=1200.0, new_items_per_day=10.0)
+    )
+    with ArchiveWriter(root) as writer:
+        writer.write(world.events())
+    return root
+
+
+def clicks_of(root: Path, *days: dt.date) -> np.ndarray:
+    return np.sort(np.array([e.ts_ms for day in days for e in read_day(root, day, types={"click"})], dtype=np.int64))
+
+
+def test_days_trains_on_the_clicks_of_the_last_days(three_days: Path, tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    result = run_full(full_settings(three_days, models, DAY3, days=2), MODEL, TRAIN)
+    assert result.outcome == "promoted", result.message
+    manifest = load_version(Registry(models).path(result.version_id)).manifest
+    # 2024-01-02T00:00Z to 2024-01-04T00:00Z: days 2 and 3, not day 1.
+    assert manifest["data_range"] == {"start_ms": 1_704_153_600_000, "end_ms": 1_704_326_400_000}
+    assert manifest["metrics"]["day"] == "2024-01-03" and manifest["metrics"]["days"] == 2
+    ts = clicks_of(three_days, DAY2, DAY3)
+    assert len(clicks_of(three_days, DAY1)) > 100 and ts[0] >= 1_704_153_600_000 and ts[-1] < 1_704_326_400_000
+    # The holdout is the newest 10% of both days' clicks; the rest is trained on, once.
+    cut = ts[int(0.9 * len(ts))]
+    trained = ts[ts < cut]
+    assert cut > 1_704_240_000_000  # held back from day 3 only
+    assert manifest["data_cutoff_ms"] == trained.max()
+    assert result.stats.examples == manifest["metrics"]["train"]["examples"] == len(trained)
+    assert manifest["metrics"]["train"]["steps"] == math.ceil(len(trained) / TRAIN.batch_size)
+
+
+def test_days_skip_what_is_not_archived(three_days: Path, tmp_path: Path) -> None:
+    gap = tmp_path / "archive"
+    shutil.copytree(three_days, gap)
+    shutil.rmtree(gap / "date=2024-01-02")
+    # Five days asked for, three of them (two before the archive began, and day 2) not archived: skipped.
+    dataset = load_days(gap, DAY3, 5)
+    assert dataset.clicks.ts_ms.tolist() == clicks_of(three_days, DAY1, DAY3).tolist()
+    # The catalogue and profiles as of the last day's end, as for that day alone.
+    last = load_day(three_days, DAY3)
+    assert dataset.items == last.items and dataset.users == last.users
+    # The last day itself must be archived.
+    models = tmp_path / "models"
+    missing = run_full(full_settings(gap, models, DAY2, days=2), MODEL, TRAIN)
+    assert (missing.exit_code, missing.outcome) == (EXIT_NO_DATA, "no_data")
+
+
+def test_days_setting(tmp_path: Path) -> None:
+    assert FullSettings().days == 1
+    with pytest.raises(SettingsError, match="days must be >= 1"):
+        FullSettings(days=0)
+    config = tmp_path / "freshtower.toml"
+    config.write_text("[full]\ndays = 3\n")
+    assert load_settings(FullSettings, section="full", config=config, environ={}).days == 3
+    env = {"FRESHTOWER_DAYS": "7"}
+    assert load_settings(FullSettings, section="full", config=config, environ=env).days == 7
+    assert main(["full", "--days", "0", "--models", str(tmp_path / "models")]) == 2

@@ -17,11 +17,11 @@ from streaming.producer import EventProducer
 from streaming.settings import KafkaSettings
 from streaming.sources.synthetic import SyntheticWorld, WorldConfig
 from streaming.topics import ensure_topics
-from tests.full_fixtures import DAY1
+from tests.full_fixtures import DAY1, DAY2
 from trainer.__main__ import main
 from trainer.artifact import load_version
 from trainer.dataset import Dataset
-from trainer.full import EXIT_NO_DATA, EXIT_PROMOTED, load_day, load_kafka_day
+from trainer.full import EXIT_NO_DATA, EXIT_PROMOTED, load_day, load_days, load_kafka_day
 from trainer.registry import Registry
 
 torch.set_num_threads(1)
@@ -145,6 +145,42 @@ def test_trainer_full_from_kafka(streams: tuple[KafkaSettings, Path, Click], tmp
     assert manifest["data_cutoff_ms"] <= int(dataset.clicks.ts_ms.max())
     trained = manifest["metrics"]["train"]["examples"]
     assert 0 < trained < len(dataset.clicks)  # the newest 10% held back for the gate
+
+
+def test_several_days_from_kafka(streams: tuple[KafkaSettings, Path, Click], tmp_path: Path) -> None:
+    settings, root, straggler = streams
+    # Days 1 and 2 as one range: every click and impression of both (day 1's late click and straggler
+    # included: they are timed inside the range), the catalogue and profiles as of day 2's end.
+    stats = ReadStats()
+    events = list(iter_day(settings, DAY2, days=2, lateness_ms=0, stats=stats))
+    assert stats.skipped == {settings.topic("clicks"): 2} and stats.outside == 0
+    behaviour = [e for e in events if isinstance(e, Click | Impression)]
+    assert all(DAY1_END - 86_400_000 <= e.ts_ms < DAY1_END + 86_400_000 for e in behaviour)
+    from_kafka = Dataset.from_events(events)
+    archived = load_days(root, DAY2, 2)
+    clicks, exposures, items, users = as_tuples(from_kafka)
+    assert clicks == as_tuples(archived)[0]
+    assert (straggler.user_id, straggler.item_id, straggler.ts_ms) in clicks
+    assert min(ts for _, _, ts in clicks) < DAY1_END <= max(ts for _, _, ts in clicks)
+    day1, day2 = as_tuples(load_day(root, DAY1))[0], as_tuples(load_day(root, DAY2))[0]
+    assert clicks == sorted(day1 + day2)
+    assert exposures == as_tuples(archived)[1]
+    assert items == as_tuples(archived)[2] and users == as_tuples(archived)[3]
+    listed = read_day(settings, DAY2, days=2, lateness_ms=0)  # read_day: the same, as a list
+    assert as_tuples(Dataset.from_events(listed.events)) == (clicks, exposures, items, users)
+
+    # The nightly job on both days: the version's data range covers them.
+    config = tmp_path / "freshtower.toml"
+    config.write_text("[model]\ndim = 8\nid_dim = 8\nhidden = [16]\n\n[train]\nbatch_size = 256\n")
+    models = tmp_path / "models"
+    argv = ["full", "--source", "kafka", "--bootstrap", settings.bootstrap_servers, "--topic-prefix"]
+    argv += [settings.topic_prefix, "--day", DAY2.isoformat(), "--days", "2", "--kafka-lateness", "0"]
+    argv += ["--models", str(models), "--config", str(config), "--recall-k", "20", "--no-progress"]
+    assert main(argv) == EXIT_PROMOTED
+    manifest = load_version(Registry(models).path(Registry(models).current())).manifest
+    assert manifest["data_range"] == {"start_ms": DAY1_END - 86_400_000, "end_ms": DAY1_END + 86_400_000}
+    assert manifest["metrics"]["day"] == "2024-01-02" and manifest["metrics"]["days"] == 2
+    assert manifest["metrics"]["train"]["examples"] < len(clicks)
 
 
 def test_a_day_retention_has_begun_to_delete_is_refused(kafka_settings: KafkaSettings, tmp_path: Path) -> None:
