@@ -11,13 +11,24 @@ per-item click and exposure counts, the catalogue and the user profiles. All of 
 the worker's :class:`~streaming.state.StateStore` and becomes durable with the next checkpoint; the
 catalogue and the profiles are read back through a bounded cache (:class:`~streaming.records.RecordStore`)
 rather than all held in memory.
+
+A user's last-N list lives apart from the user's ID row (:mod:`streaming.tables`): the row expires after a few
+days idle, the list only after ``last_n_idle_ms`` without a click (30 days by default), and past
+``max_last_n_users`` lists the least recently active go first. So a user who comes back after a week trains with
+the history the publisher serves for them (both read this list; a model switch keeps it too), not with an empty
+one. A list's activity time is the builder's watermark at the user's last click (monotone in stream order, so
+expiry pops the oldest first and a replay after a crash expires the very same lists); it is kept under
+``na:<user>``. A checkpoint written before lists had their own expiry has none: its lists count as active at its
+watermark.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -36,22 +47,35 @@ _JOIN = struct.Struct("<qq")  # position (-1: a click's marker), ts_ms
 @dataclass(frozen=True)
 class ExampleSettings:
     """``record_cache``: catalogue records, and separately user profiles, held in memory (the rest are read
-    from RocksDB when a batch needs them)."""
+    from RocksDB when a batch needs them). ``last_n_idle_ms``: a user's last-N list is dropped after that long
+    (event time) without a click; ``max_last_n_users``: the most lists kept, the least recently active dropped
+    first (module docstring)."""
 
     last_n: int = 20
     join_window_ms: int = 30 * 60 * 1000
     record_cache: int = 100_000
+    last_n_idle_ms: int = 30 * 24 * 3600 * 1000
+    max_last_n_users: int = 2_000_000
+
+    def __post_init__(self) -> None:
+        if self.last_n_idle_ms <= 0 or self.max_last_n_users < 1:
+            raise ValueError(
+                f"last_n_idle_ms must be > 0 and max_last_n_users >= 1, got {self.last_n_idle_ms} and "
+                f"{self.max_last_n_users}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
 class Example:
-    """One positive: ``history`` is the user's clicked items before this click, oldest first."""
+    """One positive: ``history`` is the user's clicked items before this click, oldest first. ``replay``: a click
+    the stream's statistics have counted already, learnt again by a newly switched model (SGD only)."""
 
     user_id: str
     item_id: str
     ts_ms: int
     history: tuple[str, ...]
     position: int | None
+    replay: bool = False
 
 
 @dataclass
@@ -70,6 +94,8 @@ class ExampleBuilder:
         self._state = state
         self.watermark_ms = 0
         self.last_n: dict[str, list[str]] = {}
+        # user -> watermark at the user's last click, least recently active first (expiry pops from the front)
+        self._active: dict[str, int] = {}
         self.clicks: dict[str, int] = {}
         self.exposures: dict[str, int] = {}
         self.catalogue: RecordStore[Item] = RecordStore(state, b"cat:", Item, settings.record_cache)
@@ -120,9 +146,13 @@ class ExampleBuilder:
         self.stats.clicks += 1
         history = self.last_n.get(event.user_id, [])
         example = Example(event.user_id, event.item_id, event.ts_ms, tuple(history), joined[0] if joined else None)
-        history = [*history, event.item_id][-self.settings.last_n :]
+        # Interned: lists are kept for weeks, and a hot item's id is in many of them.
+        history = [*history, sys.intern(event.item_id)][-self.settings.last_n :]
         self.last_n[event.user_id] = history
         self._state.put(b"n:" + event.user_id.encode(), json.dumps(history).encode())
+        self._active.pop(event.user_id, None)
+        self._active[event.user_id] = self.watermark_ms
+        self._state.put(b"na:" + event.user_id.encode(), _COUNT.pack(self.watermark_ms))
         self.changed_users.add(event.user_id)
         self._bump(self.clicks, b"c:", event.item_id)
         return example
@@ -131,15 +161,10 @@ class ExampleBuilder:
         counts[item_id] = counts.get(item_id, 0) + 1
         self._state.put(prefix + item_id.encode(), _COUNT.pack(counts[item_id]))
 
-    def forget_users(self, user_ids: set[str]) -> None:
-        """Drop the last-N lists of users the learner no longer keeps (idle or evicted)."""
-        for user_id in user_ids:
-            if self.last_n.pop(user_id, None) is not None:
-                self._state.delete(b"n:" + user_id.encode())
-                self.changed_users.add(user_id)
-
     def expire(self) -> None:
-        """Forget join and de-duplication entries older than the window (behind the watermark)."""
+        """Forget join and de-duplication entries older than the window (behind the watermark), and the last-N lists
+        idle for ``last_n_idle_ms`` or beyond the ``max_last_n_users`` most recently active."""
+        self._expire_lists()
         cutoff = self.watermark_ms - self.settings.join_window_ms
         for window, prefix in ((self._impressions, b"j:"), (self._clicked, b"k:")):
             while window:
@@ -149,13 +174,46 @@ class ExampleBuilder:
                 del window[key]
                 self._state.delete(prefix + key.encode())
 
+    def _expire_lists(self) -> None:
+        cutoff = self.watermark_ms - self.settings.last_n_idle_ms
+        dropped = 0
+        while self._active:
+            user, at = next(iter(self._active.items()))
+            if at >= cutoff:
+                break
+            self._drop_list(user)
+            dropped += 1
+        excess = len(self._active) - self.settings.max_last_n_users
+        if excess > 0:
+            # The oldest first; among lists active at the same time, by user id (the order a reload sorts them in).
+            last = next(itertools.islice(self._active.values(), excess - 1, None))
+            front = list(itertools.takewhile(lambda e: e[1] <= last, self._active.items()))
+            older = [u for u, t in front if t < last]
+            ties = sorted(u for u, t in front if t == last)
+            for user in older + ties[: excess - len(older)]:
+                self._drop_list(user)
+            dropped += excess
+        if dropped:
+            logger.debug("dropped the last-N lists of %d users", dropped)
+
+    def _drop_list(self, user_id: str) -> None:
+        del self._active[user_id]
+        self.last_n.pop(user_id, None)
+        self._state.delete(b"n:" + user_id.encode())
+        self._state.delete(b"na:" + user_id.encode())
+        self.changed_users.add(user_id)
+
     # ------------------------------------------------------------------ durability
     def _load(self) -> None:
         meta = self._state.meta()
         self.watermark_ms = int(meta.get("watermark_ms", 0))
         self.stats = BuilderStats(**meta.get("builder", {}))
         for key, value in self._state.scan(b"n:"):
-            self.last_n[key[2:].decode()] = json.loads(value)
+            self.last_n[key[2:].decode()] = [sys.intern(i) for i in json.loads(value)]
+        active = {key[3:].decode(): _COUNT.unpack(value)[0] for key, value in self._state.scan(b"na:")}
+        # A list from a checkpoint that kept no activity times counts as active at its watermark.
+        order = sorted((active.get(u, self.watermark_ms), u) for u in self.last_n)
+        self._active = {u: t for t, u in order}
         for counts, prefix in ((self.clicks, b"c:"), (self.exposures, b"e:")):
             for key, value in self._state.scan(prefix):
                 counts[key[2:].decode()] = _COUNT.unpack(value)[0]

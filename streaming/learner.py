@@ -9,6 +9,15 @@ A mini-batch is a list of clicks in event-time order; the loss is the listwise i
 with the logQ correction, ``p_j`` estimated from the stream itself (Yi et al., RecSys 2019), the
 same estimator the nightly job uses.
 
+The estimate describes the worker's own batches (the stream in time order), which go on unchanged when a new
+model version is switched in: it is the stream's, not the model's, so it is kept across a switch (the nightly
+job's estimate in the version is of its shuffled day, ends at the version's cutoff, and hashes items into other
+buckets). Each click is counted once, like the builder's click counters: the clicks a switch replays
+(``Example.replay``) are learnt again through the new model but not counted again, and the unfinished batch a
+switch drops for the replay is counted before it is dropped (:func:`count_clicks`). Counting the replay again
+skewed ``log p_j`` by 0.11 nats on average (p90 0.19, at worst 4.3) against a worker that never switched, over
+MovieLens-100K with a switch a day replaying 6 h, and made 26% more steps than there were batches.
+
 A live stream does not always fill a batch: the worker trains a partial one after ``max_batch_delay_s``. An
 in-batch softmax over one click has no negative, so its gradient is zero and nothing moves. A partial batch with
 fewer than ``min_negatives`` distinct items therefore gets easy negatives up to that many columns, drawn from the items
@@ -37,7 +46,7 @@ from trainer.losses import listwise_loss
 from trainer.model import TwoTowerModel
 from trainer.negatives import PowerSampler
 
-__all__ = ["IncrementalLearner", "LearnerSettings"]
+__all__ = ["IncrementalLearner", "LearnerSettings", "count_clicks", "load_frequency"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,16 +99,7 @@ class IncrementalLearner:
         self.items = self._table(
             "item", model.item_tower.id_table.weight, encoder.item_vocab.tokens, settings.item_table
         )
-        # A worker runs for days: an item it first meets late must not start from the whole wait since its stream
-        # began (trainer/frequency.py), or logQ mutes the clicks of exactly the new items freshness is for.
-        self.frequency = FrequencyEstimator(
-            settings.frequency_buckets,
-            settings.frequency_hashes,
-            settings.frequency_alpha,
-            seed=0,
-            from_second_sighting=True,
-        )
-        self._load_frequency()
+        self.frequency = load_frequency(state, settings)
         self.batches = int(state.meta().get("batches", 0))
         self.examples = int(state.meta().get("examples", 0))
         self.skipped = 0  # steps skipped for a non-finite loss since this process started
@@ -123,8 +123,9 @@ class IncrementalLearner:
         for e in examples:
             self.users.observe([e.user_id], e.ts_ms)
             self.items.observe([e.item_id], e.ts_ms)
-        self.frequency.update(item_ids)
-        self._stage_frequency(item_ids)
+        live = [e.item_id for e in examples if not e.replay]  # a replayed click was counted when it first came
+        if live:
+            _count(state=self._state, frequency=self.frequency, item_ids=live)
 
         users = self.encoder.encode_users(user_ids, self.builder.profiles, [list(e.history) for e in examples])
         items = self.encoder.encode_items(item_ids, self.builder.catalogue)
@@ -207,14 +208,40 @@ class IncrementalLearner:
     def meta(self) -> dict[str, int]:
         return {"batches": self.batches, "examples": self.examples, "frequency_step": self.frequency.step}
 
-    def _stage_frequency(self, item_ids: list[str]) -> None:
-        for h, b, last_step, mean_gap in self.frequency.bucket_state(item_ids):
-            self._state.put(f"f:{h}:{b}".encode(), _BUCKET.pack(last_step, mean_gap))
 
-    def _load_frequency(self) -> None:
-        state = self.frequency.state_dict()
-        for key, value in self._state.scan(b"f:"):
-            _, h, b = key.decode().split(":")
-            state["last_step"][int(h), int(b)], state["mean_gap"][int(h), int(b)] = _BUCKET.unpack(value)
-        state["step"] = np.array(int(self._state.meta().get("frequency_step", 0)), dtype=np.int64)
-        self.frequency.load_state_dict(state)
+def load_frequency(state: StateStore, settings: LearnerSettings) -> FrequencyEstimator:
+    """The stream's logQ estimate as of the last checkpoint of ``state`` (touched buckets under ``f:<h>:<b>``, the
+    step in the meta's ``frequency_step``)."""
+    # A worker runs for days: an item it first meets late must not start from the whole wait since its stream
+    # began (trainer/frequency.py), or logQ mutes the clicks of exactly the new items freshness is for.
+    frequency = FrequencyEstimator(
+        settings.frequency_buckets,
+        settings.frequency_hashes,
+        settings.frequency_alpha,
+        seed=0,
+        from_second_sighting=True,
+    )
+    arrays = frequency.state_dict()
+    for key, value in state.scan(b"f:"):
+        _, h, b = key.decode().split(":")
+        arrays["last_step"][int(h), int(b)], arrays["mean_gap"][int(h), int(b)] = _BUCKET.unpack(value)
+    arrays["step"] = np.array(int(state.meta().get("frequency_step", 0)), dtype=np.int64)
+    frequency.load_state_dict(arrays)
+    return frequency
+
+
+def count_clicks(state: StateStore, settings: LearnerSettings, item_ids: list[str]) -> int:
+    """Count one batch of clicks that will not be trained as such (a model switch drops the unfinished batch and
+    replays its clicks) into the estimate of the last checkpoint; the change is staged in ``state`` and the new step
+    returned, for the caller's next checkpoint to write together (meta ``frequency_step``)."""
+    frequency = load_frequency(state, settings)
+    if item_ids:
+        _count(state, frequency, item_ids)
+    return frequency.step
+
+
+def _count(state: StateStore, frequency: FrequencyEstimator, item_ids: list[str]) -> None:
+    """One step of the estimate over ``item_ids``, its touched buckets staged in ``state``."""
+    frequency.update(item_ids)
+    for h, b, last_step, mean_gap in frequency.bucket_state(item_ids):
+        state.put(f"f:{h}:{b}".encode(), _BUCKET.pack(last_step, mean_gap))

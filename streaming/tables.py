@@ -12,7 +12,7 @@ model's table:
   full per-coordinate accumulator doubles memory for little gain on embeddings);
 * a row not used for ``idle_ms`` of event time expires (its id falls back to the model row), and
   past ``max_rows`` the least recently used rows are evicted, so memory is bounded whatever the
-  stream brings.
+  stream brings. (A user's last-N list is not the row's: it outlives it, :mod:`streaming.examples`.)
 
 Rows live in preallocated numpy arrays (gather/scatter are vectorised) and are made durable by the
 worker's checkpoint through :class:`~streaming.state.StateStore` under ``prefix``.
@@ -79,9 +79,6 @@ class EmbeddingTable:
         self._deleted: set[str] = set()
         self.changed: set[str] = set()  # rows written or removed since the caller last cleared it
         self.peak_rows = 0  # the most online rows held at once since this process started
-        # Ids this table no longer knows at all (row expired or evicted, admission count dropped): the caller
-        # forgets what it keeps per id too (last-N lists), so nothing grows with a stream of ever-new ids.
-        self.forgotten: set[str] = set()
         self._load()
 
     @property
@@ -126,12 +123,6 @@ class EmbeddingTable:
         if len(self._pending) > self.settings.max_pending:
             self._trim_pending()
 
-    def take_forgotten(self) -> set[str]:
-        """The ids forgotten since the last call that have not come back since (re-admitted or pending)."""
-        gone = {i for i in self.forgotten if i not in self._slot and i not in self._pending}
-        self.forgotten = set()
-        return gone
-
     def gather(self, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """``([n, d] vectors, [n] slots)``; slot -1 marks ids without an online row (not trainable)."""
         slots = np.fromiter((self._slot.get(i, -1) for i in ids), dtype=np.int64, count=len(ids))
@@ -168,7 +159,6 @@ class EmbeddingTable:
         for ident in [i for i, (_, seen) in self._pending.items() if seen < cutoff]:
             del self._pending[ident]
             self._dirty_pending.add(ident)
-            self.forgotten.add(ident)
         return len(stale)
 
     # ------------------------------------------------------------------ durability
@@ -236,7 +226,6 @@ class EmbeddingTable:
 
     def _remove(self, ident: str) -> None:
         slot = self._slot.pop(ident)
-        self.forgotten.add(ident)
         self._ident[slot] = None
         self._free.append(slot)
         self._dirty.discard(ident)
@@ -264,4 +253,3 @@ class EmbeddingTable:
         for ident in sorted(self._pending, key=lambda i: (self._pending[i][1], i))[:excess]:
             del self._pending[ident]
             self._dirty_pending.add(ident)
-            self.forgotten.add(ident)

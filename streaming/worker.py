@@ -31,16 +31,17 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streaming.consumer import DeadLetterWriter, check_record, subscribe
-from streaming.events import Click, Event, InvalidEvent, Limits
-from streaming.examples import Example, ExampleBuilder, ExampleSettings
+from streaming.events import Event, InvalidEvent, Limits
+from streaming.examples import Example, ExampleBuilder
 from streaming.learner import IncrementalLearner
 from streaming.lifecycle import RetryBudget
 from streaming.merge import TOPIC_RANK, PartitionMerge, Queued, tp_key
 from streaming.metrics import WorkerMetrics
+from streaming.model_switch import ModelSwitch
 from streaming.settings import KafkaSettings
 from streaming.state import StateStore
 from streaming.worker_settings import WorkerSettings
-from trainer.artifact import ModelVersion, load_version
+from trainer.artifact import ModelVersion
 from trainer.registry import Registry
 
 __all__ = ["Worker", "WorkerSettings"]  # WorkerSettings lives in streaming.worker_settings
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 _USER_TOPICS = ("users", "impressions", "clicks")
 
 
-class Worker:
+class Worker(ModelSwitch):
     """One member of the worker group. ``run`` until ``stop`` is set (or the stream stays idle)."""
 
     def __init__(
@@ -68,9 +69,7 @@ class Worker:
         self.registry = registry
         self.state = StateStore(settings.state_dir, sync=settings.sync)
         meta = self.state.meta()
-        self.builder = ExampleBuilder(
-            ExampleSettings(settings.last_n, settings.join_window_ms, settings.record_cache), self.state
-        )
+        self.builder = ExampleBuilder(settings.examples(), self.state)
         # Clicks partitions being replayed after a model switch: apply SGD only, up to these offsets.
         self._replay_until: dict[str, int] = dict(meta.get("replay_until", {}))
         # Set while the clicks after a new model's cutoff still have to be re-read (cleared once rewound).
@@ -84,8 +83,8 @@ class Worker:
         )
         self._observe_model(version)
         self._start_ms = version.data_cutoff_ms + 1 if settings.start_at_cutoff else None
-        self.pending: list[Example] = [
-            Example(**{**e, "history": tuple(e["history"])}) for e in meta.get("pending", [])
+        self.pending: list[Example] = [  # none after a switch at start-up: _reset_tables dropped them
+            Example(**{**e, "history": tuple(e["history"])}) for e in self.state.meta().get("pending", [])
         ]
         self._closed = False
         self.checkpoints = int(meta.get("checkpoints", 0))
@@ -152,18 +151,6 @@ class Worker:
                 self.merge.seek(tp, found.offset)
             else:  # everything in this partition predates the model
                 self.merge.seek_to_end(tp)
-
-    def _rewind(self, tp: TopicPartition, from_ms: int) -> None:
-        """Re-read the clicks of ``tp`` from event time ``from_ms`` for SGD only (a model switch's replay)."""
-        until = self.merge.next[tp]
-        # ListOffsets through the catalogue consumer: it has no group, so this is safe inside a rebalance callback.
-        found = self._catalogue.offsets_for_times({tp: from_ms}, timeout_ms=30_000).get(tp)
-        start = until if found is None else min(found.offset, until)
-        if start >= until:
-            return
-        self._replay_until[tp_key(tp)] = max(until, self._replay_until.get(tp_key(tp), 0))
-        self.merge.seek(tp, start)
-        logger.info("replaying %s from offset %d to %d for the new model", tp_key(tp), start, until)
 
     def _assign_catalogue(self) -> None:
         topic = self.kafka.topic("items")
@@ -242,20 +229,6 @@ class Worker:
             if len(self.pending) >= self.settings.batch_size:
                 self._train()
 
-    def _replay(self, event: Event) -> None:
-        """A click the state has already counted, re-learnt by a new model: SGD only, counters untouched.
-
-        Its history is rebuilt from the user's current last-N (the clicks before it, when it is still in the list):
-        exact while the user has made fewer than N clicks since, an approximation beyond."""
-        if not isinstance(event, Click):
-            return
-        history = self.builder.last_n.get(event.user_id, [])
-        if event.item_id in history:
-            history = history[: len(history) - 1 - history[::-1].index(event.item_id)]
-        self._add_pending(Example(event.user_id, event.item_id, event.ts_ms, tuple(history), None))
-        if len(self.pending) >= self.settings.batch_size:
-            self._train()
-
     def _add_pending(self, example: Example) -> None:
         if not self.pending:
             self._pending_since = time.monotonic()
@@ -274,9 +247,6 @@ class Worker:
         if self.learner.batches % self.settings.expire_every_batches == 0:
             self.learner.expire(self.builder.watermark_ms)
             self.builder.expire()
-        # Every batch, so that nothing forgotten is pending at a checkpoint (which may come at any moment).
-        self.builder.forget_users(self.learner.users.take_forgotten())
-        self.learner.items.take_forgotten()
 
     # ------------------------------------------------------------------ checkpoint
     def _offsets(self) -> dict[str, int]:
@@ -314,50 +284,6 @@ class Worker:
         self.metrics.checkpoint.set(time.time())
         self._update_gauges()
         self._commit_group(offsets)
-
-    def _reset_tables(self, version: ModelVersion) -> None:
-        """Drop every online ID row and admission count (trained through another model's dense layers) and
-        record that the clicks after ``version``'s data cutoff must be replayed: one atomic write, so after a
-        crash the worker either still runs the old version or resumes the switch."""
-        for prefix in (b"t:", b"p:"):
-            for key, _ in self.state.scan(prefix):
-                self.state.delete(key)
-        self.model_version = version.version_id
-        self._replay_from_ms = version.data_cutoff_ms + 1
-        meta = {**self.state.meta(), "model_version": self.model_version, "replay_from_ms": self._replay_from_ms}
-        self.state.checkpoint(self.state.offsets(), meta)
-
-    def switch_model(self, version: ModelVersion) -> None:
-        """Adopt a newly promoted version: fresh online rows, then replay the clicks after its data cutoff."""
-        logger.info(
-            "switching from model %s to %s (cutoff %d)", self.model_version, version.version_id, version.data_cutoff_ms
-        )
-        self.pending = []  # the old model's unfinished batch: those clicks are replayed below
-        self.checkpoint()
-        self._reset_tables(version)
-        self.learner = IncrementalLearner(
-            version.model, version.encoder, self.builder, self.settings.learner(version.train_config), self.state
-        )
-        self._observe_model(version)
-        self.metrics.model_switches.inc()
-        self.merge.resolve_positions()
-        for tp in list(self.merge.queues):
-            if self._names[tp.topic] == "clicks":
-                self._rewind(tp, self._replay_from_ms)
-        self._replay_from_ms = None
-        self.checkpoint()
-
-    def _observe_model(self, version: ModelVersion) -> None:
-        self.metrics.observe_model(
-            version.version_id, version.data_cutoff_ms, int(version.manifest.get("created_ms", 0))
-        )
-
-    def _poll_registry(self) -> None:
-        if self.registry is None:
-            return
-        current = self.registry.current()
-        if current and current != self.model_version:
-            self.switch_model(load_version(self.registry.path(current)))
 
     def _log_changes(self) -> None:
         """Record which users and items changed in this checkpoint, for the publisher to pick up."""

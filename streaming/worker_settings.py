@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from streaming.examples import ExampleSettings
 from streaming.learner import LearnerSettings
 from streaming.tables import TableSettings
 
@@ -24,6 +25,11 @@ class WorkerSettings:
     models_dir: Path = Path("artifacts/models")
     batch_size: int = 256
     last_n: int = 20
+    # A user's last-N list outlives the user's ID row (idle_ms): it goes after this long without a click, or when
+    # more than max_last_n_users lists are kept (least recently active first), so a returning user trains with the
+    # history serving reads (streaming.examples).
+    last_n_idle_ms: int = 30 * 24 * 3600 * 1000
+    max_last_n_users: int = 2_000_000
     join_window_ms: int = 30 * 60 * 1000
     min_count: int = 2
     idle_ms: int = 3 * 24 * 3600 * 1000
@@ -63,6 +69,12 @@ class WorkerSettings:
             return self.instance_id
         digest = hashlib.sha256(str(self.state_dir.resolve()).encode()).hexdigest()[:12]
         return f"{socket.gethostname()}-{digest}"
+
+    def examples(self) -> ExampleSettings:
+        """The example builder's settings (joins, last-N and how long the lists are kept)."""
+        return ExampleSettings(
+            self.last_n, self.join_window_ms, self.record_cache, self.last_n_idle_ms, self.max_last_n_users
+        )
 
     def learner(self, train: Mapping[str, Any] | None = None) -> LearnerSettings:
         """The learner's settings; the logQ strength is ``logq_weight`` when set, else the one the model version was

@@ -139,6 +139,8 @@ def test_new_ids_get_rows_train_and_expire_within_the_bound(kafka_settings, tmp_
         min_count=2,
         max_rows=max_rows,
         idle_ms=idle_ms,
+        last_n_idle_ms=idle_ms,
+        max_last_n_users=max_rows,
         expire_every_batches=1,
     )
     worker = Worker(kafka_settings, settings, version)
@@ -152,9 +154,9 @@ def test_new_ids_get_rows_train_and_expire_within_the_bound(kafka_settings, tmp_
     assert "new-u299" in users and not np.allclose(users.row("new-u299"), default)
     # Users idle for more than 2 h of event time (every one but the last ~2 h) expired back to the default row.
     assert "new-u0" not in users and np.allclose(users.row("new-u0"), default)
-    # ... and what the worker kept about them went too: memory does not grow with ever-new users.
+    # ... and their last-N lists, by their own expiry and bound: memory does not grow with ever-new users.
     assert "new-u0" not in worker.builder.last_n and "new-u299" in worker.builder.last_n
-    assert len(worker.builder.last_n) <= max_rows + users.pending_ids
+    assert len(worker.builder.last_n) <= max_rows + settings.batch_size  # bounded at every expiry pass
     live = [k for k in range(300) if f"new-u{k}" in users]
     assert live and min(live) >= 300 - 2 * 60 - 1
     # New items were admitted too (they are clicked again and again) and stay within the bound.

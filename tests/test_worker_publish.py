@@ -409,7 +409,7 @@ def test_a_worker_closing_between_two_pulls_leaves_no_torn_read_and_idle_checkpo
 
 @pytest.mark.kafka
 def test_a_model_switch_rewrites_the_rows_of_users_the_worker_forgot(kafka_settings, tmp_path, world):
-    # A worker with room for 20 user rows (every clicking user admitted) forgets users (row and last-N) as others
+    # A worker with room for 20 user rows and lists (every clicking user admitted) forgets users (row and last-N) as others
     # click. Published while the worker held them, their rows stay in the store; when v2 replaces v1, the version
     # that switches the model must rewrite them too.
     day_one, day_two, shared_models, _ = world
@@ -424,6 +424,7 @@ def test_a_model_switch_rewrites_the_rows_of_users_the_worker_forgot(kafka_setti
         sync=False,
         min_count=1,
         max_rows=20,
+        max_last_n_users=20,
         expire_every_batches=1,
     )
     pub_settings = PublisherSettings(store_path=tmp_path / "kv", interval_s=1.0, index_kind="flat")
