@@ -71,7 +71,7 @@ class ModelArm:
         assert version is not None
         ids = observed.catalogue_ids()
         if self._index is None or self._indexed != (version.version_id, len(ids)):
-            self._index = FlatIndex(version.model.model_config.dim)
+            self._index = FlatIndex(version.model.config.dim)
             self._index.upsert(ids, item_vectors(version, ids, observed))
             self._indexed = (version.version_id, len(ids))
         return self._index
@@ -111,7 +111,7 @@ def item_vectors(version: ModelVersion, ids: list[str], observed: Observed, batc
         catalogue = {i: observed.items[i] for i in chunk if i in observed.items}
         vectors = model.item_tower(encoder.encode_items(chunk, catalogue), id_rows=torch.from_numpy(rows))
         out.append(vectors.numpy().astype(np.float32, copy=False))
-    return np.concatenate(out) if out else np.empty((0, model.model_config.dim), dtype=np.float32)
+    return np.concatenate(out) if out else np.empty((0, model.config.dim), dtype=np.float32)
 
 
 class PopularityArm:

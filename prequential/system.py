@@ -200,8 +200,9 @@ class System:
     def nightly(self, day: str, days: int) -> tuple[int, str]:
         """``trainer full`` on the ``days`` UTC days ending with ``day`` from Kafka; (exit code, last log line)."""
         args = [sys.executable, "-m", "trainer", "full", "--config", str(self.config), "--source", "kafka",
-                "--models", str(self.models), "--day", day, "--days", str(days), "--kafka-lateness", "0",
-                "--no-progress"]  # fmt: skip
+                "--models", str(self.models), "--day", day, "--kafka-lateness", "0", "--no-progress"]  # fmt: skip
+        if days > 1:
+            args += ["--days", str(days)]
         with (self.logs / "nightly.log").open("a") as log:
             log.write(f"\n== trainer full --day {day} --days {days}\n")
             log.flush()
@@ -269,7 +270,7 @@ class System:
         store_version = self._wait(published, self.settings.settle_timeout_s, "the publisher to publish it")
 
         def served() -> dict | None:
-            answer = self.recommend_raw("", 1)
+            answer = self.recommend_raw("prequential-probe", 1)
             return answer if answer is not None and int(answer["publish_version"]) >= store_version else None
 
         return self._wait(served, self.settings.settle_timeout_s, "serving to load it")
