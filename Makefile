@@ -1,9 +1,12 @@
 # The two entry points of the README: `make demo` (the main job) and `make test`.
+# `make demo DATASET=synthetic SEEDS=0,1,2` picks the data set and the seeds of the main job.
 # Each sets up what it needs: the virtualenv (.venv, from the pinned pyproject) and the Kafka jars.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 KAFKA_PORT ?= 9092
+DATASET ?= ml100k
+SEEDS ?= 0
 INSTALLED := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -20,8 +23,10 @@ $(INSTALLED): pyproject.toml
 setup: $(INSTALLED)
 	deploy/kafka/kafka.sh fetch
 
+# The main job: its own broker on free ports, the real worker, publisher, serving and nightly job; a report
+# under runs/<timestamp>-<dataset>/ (python -m prequential --help).
 demo: setup
-	KAFKA_PORT=$(KAFKA_PORT) deploy/demo.sh
+	$(BIN)/python -m prequential --dataset $(DATASET) --seeds $(SEEDS)
 
 kafka-stop:
 	deploy/kafka/kafka.sh stop --port $(KAFKA_PORT) --data-dir data/kafka

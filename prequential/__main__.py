@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--end", type=float, default=1.0, help="click-time quantile where the replay ends (1.0)")
     parser.add_argument("--publish-interval", type=float, default=1.0, help="publisher interval, seconds (1)")
     parser.add_argument("--no-learn", action="store_true", help="worker keeps features current but runs no SGD")
+    parser.add_argument("--worker-lr", type=float, help="the worker's row-wise Adagrad learning rate (default 0.05)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("step_clicks", "night_every_days", "first_cut", "score_from"):
         if getattr(args, name) is not None:
             preset[name] = getattr(args, name)
-    system = SystemSettings(publish_interval_s=args.publish_interval, learn=not args.no_learn)
+    system = SystemSettings(publish_interval_s=args.publish_interval, learn=not args.no_learn, worker_lr=args.worker_lr)
     out = args.out / f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{args.dataset}"
     out.mkdir(parents=True)
 
@@ -84,17 +85,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[seed {seed}] loading {args.dataset} ...", flush=True)
             events = load_events(args.dataset, seed, args.data_dir)
             bar = tqdm(desc=f"seed {seed}", unit="step", dynamic_ncols=True, mininterval=0.5)
+            produced = [0, time.monotonic()]  # events produced, start
 
-            def on_step(info: dict, bar: tqdm = bar) -> None:
+            def on_step(info: dict, bar: tqdm = bar, produced: list = produced) -> None:
                 bar.total = info["steps_total"]
                 rows = info["rows"]
                 live = ""
                 if rows:
                     scored = Scored.from_rows(rows, ARMS)
                     live = " ".join(f"{a[:12]}={hit_rate(scored, a, 20):.3f}" for a in ARMS[:3])
+                produced[0] += info["events"]
+                rate = produced[0] / max(time.monotonic() - produced[1], 1e-9)
                 bar.set_postfix_str(
-                    f"{dt.datetime.fromtimestamp(info['to_ms'] / 1000, dt.UTC):%Y-%m-%d} model={info['model_version'][-6:]} "
-                    f"publish={info['served_publish_version']} settle={info['settle_s']:.1f}s HR@20 {live}",
+                    f"{dt.datetime.fromtimestamp(info['to_ms'] / 1000, dt.UTC):%Y-%m-%d} {rate:.0f} ev/s "
+                    f"model={info['model_version'][-6:]} publish={info['served_publish_version']} "
+                    f"fresh={info['settle_s']:.1f}s HR@20 {live}",
                     refresh=False,
                 )
                 bar.update(1)

@@ -47,6 +47,8 @@ def summary(scored: Scored, ks: tuple[int, ...] = (20, 50)) -> dict:
         entry: dict = {"events": len(part), "users": len(set(part.user.tolist()))}
         for k in ks:
             entry[f"hr@{k}"] = {arm: rate_interval(part, arm, k).__dict__ for arm in ARMS} if len(part) else {}
+            if len(part):
+                entry[f"rows@{k}"] = paired_difference(part, "full_incremental", "nightly_fresh", k).__dict__
             entry[f"diff@{k}"] = (
                 {arm: paired_difference(part, arm, BASELINE, k).__dict__ for arm in ARMS if arm != BASELINE}
                 if len(part)
@@ -93,29 +95,42 @@ def write_report(out: Path, dataset: str, results: Mapping[int, RunResult], syst
             f"| {LABELS[arm]} | {_fmt(table['all']['hr@20'][arm])} | {_fmt(table['all']['hr@50'][arm])} | "
             f"{_fmt(diff, True) if diff else ''} | {ratio:.3f}× |"
         )
-    lines += ["", "## Strata (HitRate@20; difference against nightly-only)", ""]
+    lines += ["", "## Strata (HitRate@20; paired differences)", ""]
     lines += [
-        "| stratum | clicks | nightly-only | nightly + fresh last-N | full + incremental | full + incremental − nightly-only | fresh last-N − nightly-only |",
-        "|---|---|---|---|---|---|---|",
+        "| stratum | clicks | nightly-only | nightly + fresh last-N | full + incremental | full + incremental − nightly-only | fresh last-N − nightly-only | full + incremental − fresh last-N |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for stratum, entry in table.items():
         if not entry["events"]:
-            lines.append(f"| {stratum} | 0 | | | | | |")
+            lines.append(f"| {stratum} | 0 | | | | | | |")
             continue
         hr = entry["hr@20"]
         lines.append(
             f"| {stratum} | {entry['events']} | {hr['nightly_only']['value']:.4f} | {hr['nightly_fresh']['value']:.4f} | "
             f"{hr['full_incremental']['value']:.4f} | {_fmt(entry['diff@20']['full_incremental'], True)} | "
-            f"{_fmt(entry['diff@20']['nightly_fresh'], True)} |"
+            f"{_fmt(entry['diff@20']['nightly_fresh'], True)} | {_fmt(entry['rows@20'], True)} |"
         )
-    lines += ["", "## Seeds", "", "| seed | clicks | full + incremental − nightly-only @20 | nightly + fresh − nightly-only @20 | run min |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Seeds",
+        "",
+        "| seed | clicks | full + incremental − nightly-only @20 | nightly + fresh − nightly-only @20 | full + incremental − nightly + fresh @20 | run min |",
+        "|---|---|---|---|---|---|",
+    ]
     for seed, result in results.items():
         one = Scored.from_rows(result.rows, ARMS)
         lines.append(
             f"| {seed} | {len(one)} | {paired_difference(one, 'full_incremental', BASELINE, 20)} | "
-            f"{paired_difference(one, 'nightly_fresh', BASELINE, 20)} | {result.seconds / 60:.1f} |"
+            f"{paired_difference(one, 'nightly_fresh', BASELINE, 20)} | "
+            f"{paired_difference(one, 'full_incremental', 'nightly_fresh', 20)} | {result.seconds / 60:.1f} |"
         )
-    lines += ["", "## Nightly runs", "", "| seed | day trained through | days | outcome | seconds |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Nightly runs",
+        "",
+        "| seed | day trained through | days | outcome | seconds |",
+        "|---|---|---|---|---|",
+    ]
     for seed, result in results.items():
         for night in result.nights:
             lines.append(f"| {seed} | {night['day']} | {night['days']} | {night['outcome']} | {night['seconds']} |")
@@ -153,20 +168,19 @@ def _plot_over_time(path: Path, results: Mapping[int, RunResult]) -> None:
     if not len(scored):
         return
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    window = max(1, len(scored) // 12)
     order = np.argsort(scored.ts_ms, kind="stable")
+    parts = np.array_split(order, min(12, len(order)))  # equal windows of clicks, none left over
+    xs = [dt.datetime.fromtimestamp(scored.ts_ms[p[-1]] / 1000, dt.UTC) for p in parts]
     times = scored.ts_ms[order]
-    edges = list(range(0, len(order), window))
     for arm in ARMS:
-        hits = scored.hits(arm, 20)[order]
-        xs = [dt.datetime.fromtimestamp(times[min(i + window, len(order)) - 1] / 1000, dt.UTC) for i in edges]
-        ys = [hits[i : i + window].mean() for i in edges]
+        hits = scored.hits(arm, 20)
+        ys = [hits[p].mean() for p in parts]
         style = "-" if arm in ("full_incremental", "nightly_fresh", "nightly_only") else ":"
         ax.plot(xs, ys, style, marker="o", markersize=3, label=LABELS[arm])
     for night in result.nights[1:]:
         if night["outcome"] == "promoted" and night["midnight_ms"] >= times[0]:
             ax.axvline(dt.datetime.fromtimestamp(night["midnight_ms"] / 1000, dt.UTC), color="grey", alpha=0.4, lw=1)
-    ax.set_ylabel(f"HitRate@20 (windows of {window} clicks)")
+    ax.set_ylabel(f"HitRate@20 (windows of ~{len(order) // len(parts)} clicks)")
     ax.set_title(f"Prequential HitRate@20 by arm (seed {seed}; grey lines: nightly promotions)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, ncol=2)

@@ -82,7 +82,8 @@ def run(
 ) -> RunResult:
     """Replay ``events`` (sorted) through a fresh :class:`System` under ``root``; see the module docstring."""
     started = time.monotonic()
-    first_cut = _midnight_at_quantile(events, settings.first_cut)
+    first_day = day_start_ms(min(e.ts_ms for e in events if isinstance(e, Click)))
+    first_cut = max(first_day + DAY_MS, _midnight_at_quantile(events, settings.first_cut))  # a whole day at least
     score_from = max(first_cut, _midnight_at_quantile(events, settings.score_from))
     end_ms = None if settings.end >= 1.0 else _midnight_at_quantile(events, settings.end)
     plan = plan_steps(
@@ -113,7 +114,6 @@ def run(
         bootstrap = events[: plan.bootstrap_end]
         system.produce(bootstrap)
         observed.add(bootstrap)
-        first_day = day_start_ms(min(e.ts_ms for e in events if isinstance(e, Click)))
         nights.append(_night(system, first_cut, (first_cut - first_day) // DAY_MS, "bootstrap"))
         if nights[-1]["exit_code"] != 0:
             raise RuntimeError(f"the first full model was not promoted: {nights[-1]}")
@@ -198,7 +198,9 @@ def _check_honest(record: dict, version: ModelVersion) -> None:
     if not version.data_cutoff_ms < first:
         raise Dishonest(f"step {record['step']}: model {version.version_id} was trained up to {version.data_cutoff_ms}")
     if not record["served_watermark_ms"] < first:
-        raise Dishonest(f"step {record['step']}: the served publish has seen events up to {record['served_watermark_ms']}")
+        raise Dishonest(
+            f"step {record['step']}: the served publish has seen events up to {record['served_watermark_ms']}"
+        )
     if record["served_model"] != version.version_id:
         raise Dishonest(f"step {record['step']}: serving runs {record['served_model']}, not {version.version_id}")
 

@@ -71,6 +71,7 @@ class SystemSettings:
     model_poll_s: float = 0.25
     learn: bool = True
     worker_lr: float | None = None
+    gate_margin: float | None = None  # the nightly gate's absolute margin (None: the job's default)
     settle_timeout_s: float = 300.0
     nightly_timeout_s: float = 600.0
 
@@ -99,10 +100,19 @@ class System:
 
     # ------------------------------------------------------------------ lifecycle
     def _broker_args(self) -> list[str]:
-        return ["--port", str(self.port), "--controller-port", str(self.controller_port), "--data-dir", str(self.root / "kafka")]
+        return [
+            "--port",
+            str(self.port),
+            "--controller-port",
+            str(self.controller_port),
+            "--data-dir",
+            str(self.root / "kafka"),
+        ]
 
     def start_broker(self) -> None:
-        subprocess.run([str(KAFKA_SH), "start", *self._broker_args()], check=True, timeout=300, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [str(KAFKA_SH), "start", *self._broker_args()], check=True, timeout=300, stdout=subprocess.DEVNULL
+        )
         self._broker = True
         ensure_topics(self.kafka)
         self._producer = EventProducer(self.kafka)
@@ -115,9 +125,15 @@ class System:
         }
         if self.settings.worker_lr is not None:
             worker["lr"] = self.settings.worker_lr
-        lines = ["[kafka]", f'bootstrap_servers = "{self.kafka.bootstrap_servers}"', f'topic_prefix = "{self.kafka.topic_prefix}"']
+        lines = [
+            "[kafka]",
+            f'bootstrap_servers = "{self.kafka.bootstrap_servers}"',
+            f'topic_prefix = "{self.kafka.topic_prefix}"',
+        ]
         lines += ["", "[worker]"] + [f"{k} = {_toml(v)}" for k, v in worker.items()]
         lines += ["", "[serving]", "refresh_interval_s = 0.1"]
+        if self.settings.gate_margin is not None:
+            lines += ["", "[full]", f"gate_margin = {self.settings.gate_margin}"]
         self.config.write_text("\n".join(lines) + "\n")
 
     def _env(self) -> dict[str, str]:
@@ -167,7 +183,9 @@ class System:
             self._producer.close()
             self._producer = None
         if self._broker:
-            subprocess.run([str(KAFKA_SH), "stop", *self._broker_args()], check=False, timeout=120, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [str(KAFKA_SH), "stop", *self._broker_args()], check=False, timeout=120, stdout=subprocess.DEVNULL
+            )
             self._broker = False
 
     def __enter__(self) -> System:
@@ -253,7 +271,10 @@ class System:
             return meta if ready else None
 
         meta = self._wait(worker_done, self.settings.settle_timeout_s, "the worker to learn what was produced")
-        checkpoint = int(meta["checkpoints"])
+        checkpoint, watermark, done_at = int(meta["checkpoints"]), int(meta.get("watermark_ms", 0)), time.monotonic()
+        # The publisher writes no version when nothing changed since its cursor (an idle worker keeps
+        # checkpointing): a store at the worker's watermark that two publish intervals did not move is whole.
+        quiet_s = 2 * self.settings.publish_interval_s + 0.5
 
         def published() -> int | None:
             if self._store_view is None:
@@ -265,7 +286,10 @@ class System:
             if store_meta is None or store_meta.model_version != model_version:
                 return None
             seq = int(store_meta.cursor.split(":", 1)[0] or 0) if store_meta.cursor else 0
-            return store_meta.version if seq >= checkpoint else None
+            if seq >= checkpoint:
+                return store_meta.version
+            quiet = store_meta.watermark_ms >= watermark and time.monotonic() - done_at > quiet_s
+            return store_meta.version if quiet else None
 
         store_version = self._wait(published, self.settings.settle_timeout_s, "the publisher to publish it")
 

@@ -87,6 +87,15 @@ def test_identical_candidate_is_accepted(current: ModelVersion, day: tuple[Datas
     assert decision.reasons[0].startswith("ok: candidate recall@20")
 
 
+def test_a_slice_of_one_user_is_thin_not_broken(current: ModelVersion, day: tuple[Dataset, TemporalSplit]) -> None:
+    # One scored user: recall's standard error is NaN (ddof=1 over one value), recall itself is finite. A quiet
+    # week of MovieLens gives such slices; the candidate is judged on recall, not refused as "not finite".
+    one = dataclasses.replace(day[1], users=day[1].users[:1], relevant=day[1].relevant[:1])
+    decision = decide(current, current, one, GATE)
+    assert math.isnan(decision.candidate_metrics[f"recall@{K}_se"])
+    assert decision.accepted, decision.reasons
+
+
 def test_trained_model_beats_chance(current: ModelVersion, day: tuple[Dataset, TemporalSplit]) -> None:
     # A sanity check of the evaluation itself: 4 epochs reach a recall far above the untrained model's.
     metrics = evaluate_version(current, day[1], K)

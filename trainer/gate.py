@@ -161,7 +161,8 @@ def decide(
     cur_metrics: dict[str, float] | None = None
     if split is not None:
         cand_metrics = evaluate_version(candidate, split, config.recall_k)
-        bad = sorted(name for name, value in cand_metrics.items() if not math.isfinite(value))
+        # A standard error is NaN when one user is scored: not a broken candidate, only a thin slice.
+        bad = sorted(n for n, value in cand_metrics.items() if not math.isfinite(value) and not n.endswith("_se"))
         if bad:
             reasons.append(f"candidate metrics {bad} are not finite on the held-back slice")
     if current is None:
