@@ -25,7 +25,7 @@ replayed neither. The close switches to a new log (``000004.log`` becomes ``0000
 000008.log``, then ``000008.log``), and in every torn read checked (all 22 of the second run) the
 log files listed before the open differed from the ones listed after the read: the check above
 catches it. But such a read often *fails* (the worker's state says "no checkpoint yet"; the worker
-source's test beside a running worker failed so, in about one run of ten here), and a read that
+source's test beside a running worker failed so, once in 19 runs here), and a read that
 raised skipped the check. So when ``read`` raises and the log files changed during the sync, the
 failure is taken for a torn read and the sync is done again from a fresh instance; when they held
 still, the error is the state's own (a new worker state that has no checkpoint yet) and is raised
