@@ -10,7 +10,12 @@ rocksdict 0.3.29: a catch-up after the worker *closed* its database reads a mix 
 secondary replayed before stay in its memtable and hide the newer values the close flushed to a
 table file). So when the worker's write-ahead log files differ from the last read's (a close, a
 restart, a memtable flush), the secondary is opened afresh instead, and a read during which they
-changed is done again (:class:`publisher.follower.Follower`, shared with the store's follower).
+changed is done again, also when it failed (:class:`publisher.follower.Follower`, shared with the
+store's follower): a secondary opened while the worker closes may read its state as of the last
+flush, or an empty one ("no checkpoint yet") if it never flushed. And a checkpoint count lower than
+the last whole read's, of the same database (same RocksDB identity), is taken for a torn read and
+read again from a fresh secondary; when every fresh secondary of one call reads it so, the call
+fails and the next one takes the state as it is (a state restored from a copy does go back).
 
 What one call reads (key layout of :mod:`streaming.worker`, :mod:`streaming.tables`, :mod:`streaming.examples`):
 
@@ -49,7 +54,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from publisher.follower import Follower
+from publisher.follower import Follower, Torn
 from publisher.source import Changes
 from streaming.events import InvalidEvent, Item, Limits, decode
 from streaming.state import StateStore
@@ -136,17 +141,26 @@ class WorkerSource:
         self._empty_through: tuple[str, int] | None = None
         # Catches up, or opens the secondary afresh when catching up may read a mix (module docstring).
         self._follower = Follower(self.state_dir)
+        # (state id, checkpoint) of the last whole read: the same database reads no lower checkpoint after it.
+        self._whole: tuple[str, int] | None = None
 
     # ------------------------------------------------------------------ ChangeSource
     def changes_since(self, cursor: str) -> Changes:
         """Users and items changed after ``cursor`` ("" = everything), as of the worker's newest checkpoint."""
         with self._lock:
             self._check_exists()
-            changes, empty_through = self._follower.sync(
-                lambda: self._synced(reopen=False),
-                lambda: self._synced(reopen=True),
-                lambda: self._pull(self._state, cursor),
-            )
+            try:
+                changes, empty_through = self._follower.sync(
+                    lambda: self._synced(reopen=False),
+                    lambda: self._synced(reopen=True),
+                    lambda: self._pull(self._state, cursor),
+                )
+            except RuntimeError as exc:
+                if isinstance(exc.__cause__, Torn):
+                    self._whole = None  # every fresh secondary read it so: the state did go back; take it next time
+                raise
+            cursor_now = WorkerCursor.parse(changes.cursor)
+            self._whole = (cursor_now.state_id, cursor_now.checkpoint)
             if empty_through is not None:
                 self._empty_through = (cursor, empty_through)
             return changes
@@ -156,6 +170,8 @@ class WorkerSource:
         held nothing after ``cursor`` (``None`` if it held something or was not read)."""
         meta = state.meta()
         seq = int(meta.get("checkpoints", 0))
+        if self._whole is not None and self._whole[0] == self._state_id and seq < self._whole[1]:
+            raise Torn(f"checkpoint {seq} of the worker state at {self.state_dir} after checkpoint {self._whole[1]}")
         if seq < 1:
             raise RuntimeError(f"worker state at {self.state_dir} has no checkpoint yet; expected checkpoints >= 1")
         model_version = str(meta.get("model_version") or "")
