@@ -124,6 +124,25 @@ class ExampleBuilder:
             self.profiles.put(event.user_id, event)
         return None
 
+    def remember(self, event: Click) -> None:
+        """A click from before the model's cutoff, read by a new worker only to fill the user's last-N list: the
+        model has learnt it, so it makes no example and counts nowhere (no join state, no click counter)."""
+        self.watermark_ms = max(self.watermark_ms, event.ts_ms)
+        self._extend(event.user_id, event.item_id)
+
+    def _extend(self, user_id: str, item_id: str) -> list[str]:
+        """Append ``item_id`` to the user's last-N list (and its activity); returns the list as it was."""
+        before = self.last_n.get(user_id, [])
+        # Interned: lists are kept for weeks, and a hot item's id is in many of them.
+        history = [*before, sys.intern(item_id)][-self.settings.last_n :]
+        self.last_n[user_id] = history
+        self._state.put(b"n:" + user_id.encode(), json.dumps(history).encode())
+        self._active.pop(user_id, None)
+        self._active[user_id] = self.watermark_ms
+        self._state.put(b"na:" + user_id.encode(), _COUNT.pack(self.watermark_ms))
+        self.changed_users.add(user_id)
+        return before
+
     def _impression(self, event: Impression) -> None:
         key = f"{event.request_id}\t{event.item_id}"
         if key in self._impressions:
@@ -144,16 +163,8 @@ class ExampleBuilder:
         if joined is None:
             self.stats.unjoined += 1
         self.stats.clicks += 1
-        history = self.last_n.get(event.user_id, [])
+        history = self._extend(event.user_id, event.item_id)
         example = Example(event.user_id, event.item_id, event.ts_ms, tuple(history), joined[0] if joined else None)
-        # Interned: lists are kept for weeks, and a hot item's id is in many of them.
-        history = [*history, sys.intern(event.item_id)][-self.settings.last_n :]
-        self.last_n[event.user_id] = history
-        self._state.put(b"n:" + event.user_id.encode(), json.dumps(history).encode())
-        self._active.pop(event.user_id, None)
-        self._active[event.user_id] = self.watermark_ms
-        self._state.put(b"na:" + event.user_id.encode(), _COUNT.pack(self.watermark_ms))
-        self.changed_users.add(event.user_id)
         self._bump(self.clicks, b"c:", event.item_id)
         return example
 

@@ -31,7 +31,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streaming.consumer import DeadLetterWriter, check_record, subscribe
-from streaming.events import Event, InvalidEvent, Limits
+from streaming.events import Click, Event, InvalidEvent, Limits
 from streaming.examples import Example, ExampleBuilder
 from streaming.learner import IncrementalLearner
 from streaming.lifecycle import RetryBudget
@@ -72,6 +72,8 @@ class Worker(ModelSwitch):
         self.builder = ExampleBuilder(settings.examples(), self.state)
         # Clicks partitions being replayed after a model switch: apply SGD only, up to these offsets.
         self._replay_until: dict[str, int] = dict(meta.get("replay_until", {}))
+        # Clicks partitions a new worker reads from before its model's cutoff: last-N lists only, up to these offsets.
+        self._history_until: dict[str, int] = dict(meta.get("history_until", {}))
         # Set while the clicks after a new model's cutoff still have to be re-read (cleared once rewound).
         self._replay_from_ms: int | None = meta.get("replay_from_ms")
         self.model_version = meta.get("model_version") or version.version_id
@@ -144,13 +146,20 @@ class Worker(ModelSwitch):
         self.merge.track(tp, consumer, stored)
         if self._replay_from_ms is not None and stored is not None and self._names[tp.topic] == "clicks":
             self._rewind(tp, self._replay_from_ms)
-        elif stored is None and self._start_ms is not None and self._names[tp.topic] != "items":
+        elif stored is None and self._start_ms is not None and self._names[tp.topic] not in ("items", "users"):
             # A new worker starts where its model's training data ends: the model has learnt what came before.
+            # Catalogue and profiles are state (compacted topics): read whole. The clicks of the last
+            # last_n_idle_ms before the cutoff are read too, for the users' last-N lists only.
             found = self._catalogue.offsets_for_times({tp: self._start_ms}, timeout_ms=30_000).get(tp)
-            if found is not None:
-                self.merge.seek(tp, found.offset)
-            else:  # everything in this partition predates the model
-                self.merge.seek_to_end(tp)
+            start = found.offset if found is not None else self._catalogue.end_offsets([tp])[tp]
+            if self._names[tp.topic] == "clicks":
+                since = max(0, self._start_ms - self.settings.last_n_idle_ms)
+                early = self._catalogue.offsets_for_times({tp: since}, timeout_ms=30_000).get(tp)
+                if early is not None and early.offset < start:
+                    self._history_until[tp_key(tp)] = start
+                    logger.info("%s: last-N lists from offset %d, learning from %d", tp_key(tp), early.offset, start)
+                    start = early.offset
+            self.merge.seek(tp, start)
 
     def _assign_catalogue(self) -> None:
         topic = self.kafka.topic("items")
@@ -209,9 +218,15 @@ class Worker(ModelSwitch):
             replay_until = self._replay_until.get(key)
             if replay_until is not None and item.offset + 1 >= replay_until:
                 del self._replay_until[key]
+            history_until = self._history_until.get(key)
+            if history_until is not None and item.offset + 1 >= history_until:
+                del self._history_until[key]
             if item.event is None:
                 continue
-            if replay_until is not None and item.offset < replay_until:
+            if history_until is not None and item.offset < history_until:
+                if isinstance(item.event, Click):
+                    self.builder.remember(item.event)
+            elif replay_until is not None and item.offset < replay_until:
                 self._replay(item.event)
             else:
                 self._apply(tp, item.event)
@@ -273,6 +288,7 @@ class Worker(ModelSwitch):
             "pending": [asdict(e) for e in self.pending],
             "builder": asdict(self.builder.stats),
             "replay_until": self._replay_until,
+            "history_until": self._history_until,
             "replay_from_ms": self._replay_from_ms,
             "progress_s": self._progress_s,
             **self.learner.meta(),

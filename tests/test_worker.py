@@ -212,3 +212,15 @@ def test_a_new_worker_starts_where_its_model_was_trained_up_to(kafka_settings, t
     worker = Worker(kafka_settings, settings, version)
     run_to_idle(worker)
     assert worker.learner.examples == sum(1 for c in clicks if c.ts_ms > cutoff)
+    # What came before the cutoff is learnt already: it counts nowhere...
+    assert worker.builder.stats.clicks == sum(1 for c in clicks if c.ts_ms > cutoff)
+    # ... but the users' last-N lists are whole (every click of the last 30 days, i.e. both days), as serving
+    # and the next examples need them, and every profile is known (a compacted topic, read whole).
+    every = sorted((e for e in day_one + day_two if isinstance(e, Click)), key=lambda c: c.ts_ms)
+    expected: dict[str, list[str]] = {}
+    for c in every:
+        expected[c.user_id] = [*expected.get(c.user_id, []), c.item_id][-settings.last_n :]
+    assert worker.builder.last_n == expected
+    profiles = {e.user_id for e in day_one + day_two if isinstance(e, UserProfile)}
+    assert profiles and all(worker.builder.profiles.get(u) is not None for u in profiles)
+    worker.close()
