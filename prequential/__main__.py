@@ -61,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--end", type=float, default=1.0, help="click-time quantile where the replay ends (1.0)")
     parser.add_argument("--publish-interval", type=float, default=1.0, help="publisher interval, seconds (1)")
     parser.add_argument("--no-learn", action="store_true", help="worker keeps features current but runs no SGD")
+    parser.add_argument(
+        "--new-worker-each-night",
+        action="store_true",
+        help="after each promotion, replace the worker (and its store and serving) by a new one: no steady state",
+    )
     parser.add_argument("--worker-lr", type=float, help="the worker's row-wise Adagrad learning rate (default 0.05)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -69,7 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("step_clicks", "night_every_days", "first_cut", "score_from"):
         if getattr(args, name) is not None:
             preset[name] = getattr(args, name)
-    system = SystemSettings(publish_interval_s=args.publish_interval, learn=not args.no_learn, worker_lr=args.worker_lr)
+    system = SystemSettings(
+        publish_interval_s=args.publish_interval,
+        learn=not args.no_learn,
+        worker_lr=args.worker_lr,
+        new_worker_each_night=args.new_worker_each_night,
+    )
     out = args.out / f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{args.dataset}"
     out.mkdir(parents=True)
 
@@ -112,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\nstopped; every process was shut down. Partial output in {out}", file=sys.stderr)
         return 130
-    report = write_report(out, args.dataset, results, dataclasses.asdict(system), time.monotonic() - started)
+    command = "python -m prequential " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = write_report(out, args.dataset, results, dataclasses.asdict(system), time.monotonic() - started, command)
     print(f"\nreport: {report}")
     return 0
 

@@ -65,13 +65,17 @@ def _fmt(interval: dict, signed: bool = False) -> str:
     return f"{f.format(interval['value'])} [{f.format(interval['low'])}, {f.format(interval['high'])}]"
 
 
-def write_report(out: Path, dataset: str, results: Mapping[int, RunResult], system: dict, seconds: float) -> Path:
+def write_report(
+    out: Path, dataset: str, results: Mapping[int, RunResult], system: dict, seconds: float, command: str = ""
+) -> Path:
     scored = pooled(results)
     table = summary(scored)
     (out / "summary.json").write_text(json.dumps(table, indent=1) + "\n")
     _plot_over_time(out / "hitrate_over_time.png", results)
     _plot_settle(out / "freshness.png", results)
     lines = [f"# freshtower main job: {dataset}", ""]
+    if command:
+        lines += [f"Command: `{command}`", ""]
     first = next(iter(results.values()))
     steps = [s for s in first.steps if s["scored"]]
     lines += [

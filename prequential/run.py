@@ -130,6 +130,8 @@ def run(
                     version = current
                     for arm in ("nightly_fresh", "nightly_only"):
                         arms[arm].use(version)  # type: ignore[attr-defined]
+                    if settings.system.new_worker_each_night:
+                        system.restart_fresh()
                 arms["als"].refit(observed)  # type: ignore[attr-defined]
             t0 = time.monotonic()
             served = system.settle(version.version_id)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,6 +73,7 @@ class SystemSettings:
     learn: bool = True
     worker_lr: float | None = None
     gate_margin: float | None = None  # the nightly gate's absolute margin (None: the job's default)
+    new_worker_each_night: bool = False  # after each promotion: a new worker, store and serving (no steady state)
     settle_timeout_s: float = 300.0
     nightly_timeout_s: float = 600.0
 
@@ -149,10 +151,10 @@ class System:
             start_new_session=True,  # Ctrl-C reaches the harness only; it stops the processes itself
         )  # fmt: skip
 
-    def start_processes(self) -> None:
+    def start_processes(self, group: str = "replay-worker") -> None:
         """Worker, then (once its state exists) publisher and serving."""
         self._spawn("worker", ["streaming", "worker", "--config", str(self.config), "--models", str(self.models),
-                               "--state-dir", str(self.state_dir), "--group", "replay-worker", "--metrics-port", "0"])  # fmt: skip
+                               "--state-dir", str(self.state_dir), "--group", group, "--metrics-port", "0"])  # fmt: skip
         self._wait(lambda: (self.state_dir / "CURRENT").exists(), 120, "the worker's state")
         self._spawn("publisher", ["publisher", "run", "--config", str(self.config), "--source", "worker",
                                   "--worker-state", str(self.state_dir), "--models", str(self.models),
@@ -162,12 +164,25 @@ class System:
                                 "--models", str(self.models), "--worker-state", str(self.state_dir),
                                 "--port", str(self.api_port), "--metrics-port", "0", "--index", "flat"])  # fmt: skip
 
-    def stop(self) -> None:
-        """SIGTERM every process, wait for it (SIGKILL after 15 s), then stop the broker."""
+    def restart_fresh(self) -> None:
+        """Stop the worker, publisher and serving, delete their state and store, and start them again: a new
+        worker from the current version's cutoff (what a deployment gets by wiping the worker each night)."""
+        self._stop_processes()
         for view in (self._worker_view, self._store_view):
             if view is not None:
                 view.close()
         self._worker_view = self._store_view = None
+        for path in (
+            self.state_dir,
+            self.store_dir,
+            self.root / "kv-index",
+            self.root / "worker-secondary",
+            self.root / "kv-secondary",
+        ):
+            shutil.rmtree(path, ignore_errors=True)
+        self.start_processes(group=f"replay-worker-{time.monotonic_ns()}")
+
+    def _stop_processes(self) -> None:
         for process in self._processes.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -179,6 +194,14 @@ class System:
                 process.kill()
                 process.wait()
         self._processes.clear()
+
+    def stop(self) -> None:
+        """SIGTERM every process, wait for it (SIGKILL after 15 s), then stop the broker."""
+        for view in (self._worker_view, self._store_view):
+            if view is not None:
+                view.close()
+        self._worker_view = self._store_view = None
+        self._stop_processes()
         if self._producer is not None:
             self._producer.close()
             self._producer = None

@@ -37,12 +37,14 @@ class WorkerSettings:
     lr: float = 0.05
     logq: bool = True
     logq_weight: float | None = None
-    checkpoint_interval_s: float = 2.0
+    # 0.5 s each (checkpoint, partial batch): a click is in the store within p99 1.8 s at 1 s publishes
+    # (bench/freshness_e2e.py; 3.6 s at 2 s and 1 s), under the 2.4 s target.
+    checkpoint_interval_s: float = 0.5
     expire_every_batches: int = 50
     max_buffered_events: int = 100_000
     # A click waits at most this long (wall clock) for its mini-batch to fill once the worker has read everything
     # there is: a partial batch is trained then, with easy negatives (min_negatives) so that even one click moves.
-    max_batch_delay_s: float = 1.0
+    max_batch_delay_s: float = 0.5
     min_negatives: int = 64
     # False: keep the features current (last-N lists, catalogue, profiles, counters) and publish the model's own
     # ID rows, without SGD: freshness through features alone (the main job's check of its own harness).
