@@ -5,7 +5,8 @@ publisher, serving and nightly job). Compared, on the same clicks of each run: H
 against nightly-only and against nightly + fresh last-N (the worker's ID rows' own share), overall and for new
 users and new items. The variants move what the worker controls:
 
-* the worker's learning rate (row-wise Adagrad, ``--worker-lr``; default 0.05);
+* the worker's learning rate (row-wise Adagrad, ``--worker lr=...``; default 0.05), its mini-batch size (256)
+  and its logQ weight (1, the nightly job's);
 * ``new-worker``: the worker (with its store and serving) replaced by a new one after each promotion, against
   the steady-state worker of ``default`` that has run for days and switched versions, paired on the same clicks;
 * the step size, i.e. how many clicks pass between two points where everything is learnt, published and
@@ -29,8 +30,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "default": [],
-    "lr0.2": ["--worker-lr", "0.2"],
-    "lr0.5": ["--worker-lr", "0.5"],
+    "lr0.2": ["--worker", "lr=0.2"],
+    "lr0.5": ["--worker", "lr=0.5"],
+    "batch64": ["--worker", "batch_size=64"],
+    "logq0.5": ["--worker", "logq_weight=0.5"],
     "step100": ["--step-clicks", "100"],
     "no-learn": ["--no-learn"],
     "new-worker": ["--new-worker-each-night"],

@@ -48,9 +48,32 @@ def load_events(dataset: str, seed: int, data_dir: Path) -> list[Event]:
     return sorted(SyntheticWorld(config).events(), key=lambda e: e.ts_ms)
 
 
+def _worker_settings(parser: argparse.ArgumentParser, pairs: list[str]) -> tuple[tuple[str, object], ...]:
+    from streaming.worker_settings import WorkerSettings
+
+    known = {f.name for f in dataclasses.fields(WorkerSettings)}
+    out = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in known:
+            parser.error(
+                f"--worker {pair!r}: expected KEY=VALUE with KEY a worker setting ({', '.join(sorted(known))})"
+            )
+        try:
+            value: object = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out.append((key, value))
+    return tuple(out)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m prequential", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=sorted(PRESETS), default="ml100k")
+    parser = argparse.ArgumentParser(
+        prog="python -m prequential",
+        description=(__doc__ or "").split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--dataset", choices=sorted(PRESETS), default="ml100k", help="data set (default ml100k)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds, one run each (default 0)")
     parser.add_argument("--out", type=Path, default=Path("runs"), help="report directory root (default runs/)")
     parser.add_argument("--data-dir", type=Path, default=Path("data"), help="where MovieLens-100K is fetched to")
@@ -66,7 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="after each promotion, replace the worker (and its store and serving) by a new one: no steady state",
     )
-    parser.add_argument("--worker-lr", type=float, help="the worker's row-wise Adagrad learning rate (default 0.05)")
+    parser.add_argument(
+        "--worker",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a [worker] setting for this run, e.g. lr=0.2, batch_size=64, logq_weight=0.5 (repeatable)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -77,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     system = SystemSettings(
         publish_interval_s=args.publish_interval,
         learn=not args.no_learn,
-        worker_lr=args.worker_lr,
+        worker=_worker_settings(parser, args.worker),
         new_worker_each_night=args.new_worker_each_night,
     )
     out = args.out / f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%SZ}-{args.dataset}"

@@ -71,7 +71,7 @@ class SystemSettings:
     max_batch_delay_s: float = 0.25
     model_poll_s: float = 0.25
     learn: bool = True
-    worker_lr: float | None = None
+    worker: tuple[tuple[str, object], ...] = ()  # more [worker] settings, e.g. (("lr", 0.2),)
     gate_margin: float | None = None  # the nightly gate's absolute margin (None: the job's default)
     new_worker_each_night: bool = False  # after each promotion: a new worker, store and serving (no steady state)
     settle_timeout_s: float = 300.0
@@ -125,8 +125,7 @@ class System:
             "learn": self.settings.learn,
             "sync": False,
         }
-        if self.settings.worker_lr is not None:
-            worker["lr"] = self.settings.worker_lr
+        worker.update(dict(self.settings.worker))
         lines = [
             "[kafka]",
             f'bootstrap_servers = "{self.kafka.bootstrap_servers}"',

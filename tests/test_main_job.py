@@ -92,3 +92,35 @@ def test_a_step_scored_by_a_model_or_publish_that_saw_it_is_refused() -> None:
     late = dataclasses.make_dataclass("V", [("version_id", str), ("data_cutoff_ms", int)])("v", 100)
     with pytest.raises(Dishonest):
         _check_honest(step, late)  # type: ignore[arg-type]
+
+
+def test_sigterm_stops_the_main_job_and_every_process_it_started(tmp_path: Path) -> None:
+    """A Ctrl-C or SIGTERM in the middle of a run: exit 130 within seconds, and no broker, worker, publisher,
+    serving or nightly process left behind (each is found by the run directory in its command line)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "runs"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prequential", "--dataset", "synthetic", "--out", str(out)],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 180
+    while not list(out.glob("*/seed-0/logs/serving.log")):  # everything is up once serving has started
+        assert process.poll() is None and time.monotonic() < deadline, "the main job did not start its processes"
+        time.sleep(0.5)
+    time.sleep(3)
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr[-2000:]
+    assert time.monotonic() - started < 40
+    assert "stopped; every process was shut down" in stderr
+    left = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert [pid for pid in left if int(pid) != os.getpid()] == []
