@@ -8,11 +8,16 @@ difference of ``log p_j`` between them at every click (all items, and items firs
 the steps each counted.
 
     .venv/bin/python bench/worker_logq_switch.py [--data data/ml-100k] [--batch 64] [--lag-hours 6]
+
+Writes ``bench/results/worker_logq_switch.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import time
+from pathlib import Path
 
 import numpy as np
 
@@ -28,6 +33,7 @@ def main() -> None:
     p.add_argument("--data", default="data/ml-100k")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lag-hours", type=float, default=6.0)
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args()
     ratings = MovieLens100K(args.data).ratings()
     items = np.array([f"i{i}" for i in ratings["item_id"].tolist()])
@@ -63,12 +69,32 @@ def main() -> None:
     print(
         f"batch {args.batch}, {switches} switches replaying {args.lag_hours} h; steps: once {once.step}, twice {twice.step}"
     )
+    report: dict = {
+        "benchmark": "worker_logq_switch",
+        "what": "|log p_j| difference between counting a model switch's replay again and counting it once",
+        "batch": args.batch,
+        "lag_hours": args.lag_hours,
+        "switches": switches,
+        "steps": {"once": int(once.step), "twice": int(twice.step)},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "clicks": {},
+    }
     for name, values in diffs.items():
         d = np.abs(np.array(values))
         print(
             f"{name}: {len(d)} clicks, |log p twice - log p once| mean {d.mean():.3f}, p90 {np.quantile(d, 0.9):.3f}, "
             f"max {d.max():.2f}, share > 0.1: {np.mean(d > 0.1):.3f}"
         )
+        report["clicks"][name] = {
+            "n": len(d),
+            "mean": round(float(d.mean()), 4),
+            "p90": round(float(np.quantile(d, 0.9)), 4),
+            "max": round(float(d.max()), 3),
+            "share_over_0.1": round(float(np.mean(d > 0.1)), 4),
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "worker_logq_switch.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out / 'worker_logq_switch.json'}")
 
 
 if __name__ == "__main__":
