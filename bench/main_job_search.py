@@ -5,7 +5,8 @@ publisher, serving and nightly job). Compared, on the same clicks of each run: H
 against nightly-only and against nightly + fresh last-N (the worker's ID rows' own share), overall and for new
 users and new items. The variants move what the worker controls:
 
-* the worker's learning rate (row-wise Adagrad, ``--worker lr=...``; default 0.05), its mini-batch size (256)
+* the worker's learning rate (row-wise Adagrad, ``--worker lr=...``; default 0.05), its mini-batch size (64;
+  256 when the figures in ``bench/results/main_job_search.json`` were made, see its ``worker_defaults_when_run``)
   and its logQ weight (1, the nightly job's);
 * ``new-worker``: the worker (with its store and serving) replaced by a new one after each promotion, against
   the steady-state worker of ``default`` that has run for days and switched versions, paired on the same clicks;
