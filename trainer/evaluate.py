@@ -19,6 +19,10 @@ The protocol (design brief, "Quality is measured, not assumed"):
 3. Fit every model, score Recall@{10,20,50}, NDCG@{10,20} and head / tail Recall@{20,50}
    (:mod:`trainer.metrics`; head = the top 20% of the training catalogue by training clicks).
 4. Print a markdown table and write JSON, markdown and a PNG bar plot (defaults under ``runs/eval-<dataset>/``).
+
+With ``--test-fractions F,F,...`` and / or ``--seeds S,S,...`` the command runs the rolling-origin evaluation of
+:mod:`trainer.rolling` instead: every model at every cut and seed, cold test users scored as a stratum of their own,
+95% bootstrap intervals over users (defaults under ``runs/eval-rolling-<dataset>/``).
 """
 
 from __future__ import annotations
@@ -119,6 +123,22 @@ def load_dataset(config: EvalConfig) -> TemporalSplit:
         rule = f"ml100k: test = last {config.ml100k_test_fraction:.0%} of clicks by time (ratings >= {config.min_rating:g})"
         source = {"root": str(root), "min_rating": config.min_rating, "test_fraction": config.ml100k_test_fraction}
         return temporal_split(dataset, cut, None, rule=rule, source=source)
+    raise ValueError(f"unknown dataset {config.dataset!r}; expected 'synthetic' or 'ml100k'")
+
+
+def build_dataset(config: EvalConfig) -> tuple[Dataset, dict[str, Any]]:
+    """The whole dataset named by ``config.dataset``, unsplit, and how it was made (for the rolling evaluation)."""
+    if config.dataset == "synthetic":
+        from streaming.sources.synthetic import SyntheticWorld
+
+        world_config = _synthetic_world_config(config.quick, config.seed)
+        return Dataset.from_events(SyntheticWorld(world_config).events()), {"world": dataclasses.asdict(world_config)}
+    if config.dataset == "ml100k":
+        from streaming.sources.movielens import MovieLens100K, fetch
+
+        root = fetch(config.data_dir)
+        dataset = Dataset.from_events(MovieLens100K(root).events(min_rating=config.min_rating))
+        return dataset, {"root": str(root), "min_rating": config.min_rating}
     raise ValueError(f"unknown dataset {config.dataset!r}; expected 'synthetic' or 'ml100k'")
 
 
@@ -246,12 +266,15 @@ def run(args: argparse.Namespace) -> int:
         serving_prior=args.serving_prior,
         prior_half_life_days=args.prior_half_life,
     )
-    out_dir = Path("runs") / f"eval-{config.dataset}"
+    rolling = args.test_fractions is not None or args.seeds is not None
+    out_dir = Path("runs") / f"eval-{'rolling-' if rolling else ''}{config.dataset}"
     json_path = Path(args.json) if args.json else out_dir / "metrics.json"
     md_path = Path(args.markdown) if args.markdown else out_dir / "metrics.md"
     png_path = Path(args.plot) if args.plot else out_dir / "metrics.png"
 
     factories = build_models(config)  # fails fast on an unknown model name, before the data is built
+    if rolling:
+        return _run_rolling(args, config, json_path, md_path, png_path)
     split = load_dataset(config)
     results = evaluate_models(factories, split)
 
@@ -271,6 +294,35 @@ def run(args: argparse.Namespace) -> int:
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(f"# Offline evaluation: {config.dataset}\n\nSplit: {summary}\n\n{table}\n")
     plot_metrics(results, png_path, split.info["rule"])
+    logger.info("wrote %s, %s, %s", json_path, md_path, png_path)
+    return 0
+
+
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _run_rolling(args: argparse.Namespace, config: EvalConfig, json_path: Path, md_path: Path, png_path: Path) -> int:
+    """``eval --test-fractions ... --seeds ...``: the rolling-origin evaluation of :mod:`trainer.rolling`."""
+    import shlex
+    import sys
+
+    from trainer.rolling import run_rolling, write_reports
+
+    fractions = _floats(args.test_fractions) if args.test_fractions else [config.ml100k_test_fraction]
+    seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else [config.seed]
+    dataset, source = build_dataset(config)
+    report = run_rolling(
+        dataset,
+        lambda seed: build_models(dataclasses.replace(config, seed=seed)),
+        fractions,
+        seeds,
+        resamples=args.bootstrap_resamples,
+        source=source,
+    )
+    report = {"dataset": config.dataset, "quick": config.quick, **report}
+    command = shlex.join(["python", "-m", "trainer", *sys.argv[1:]])
+    print(write_reports(report, json_path, md_path, png_path, command))
     logger.info("wrote %s, %s, %s", json_path, md_path, png_path)
     return 0
 
@@ -318,5 +370,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="with --serving-prior: weigh each click 2**(-age/DAYS) in the click share (default: unweighted)",
     )
     p.add_argument("--test-fraction", type=float, default=0.1, help="ml100k: share of the latest clicks held out")
+    p.add_argument(
+        "--test-fractions",
+        default=None,
+        metavar="F,F,...",
+        help="rolling-origin evaluation (trainer/rolling.py): one cut per share of the latest clicks held out, "
+        "warm and cold test users reported apart, 95%% bootstrap intervals over users",
+    )
+    p.add_argument(
+        "--seeds", default=None, metavar="S,S,...", help="rolling-origin evaluation: model seeds, pooled per cut"
+    )
+    p.add_argument(
+        "--bootstrap-resamples", type=int, default=1000, help="rolling-origin evaluation: user resamples per interval"
+    )
     p.add_argument("--min-rating", type=float, default=0.0, help="ml100k: ratings below this are not clicks")
     p.set_defaults(run=run)
