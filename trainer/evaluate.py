@@ -19,30 +19,37 @@ The protocol (design brief, "Quality is measured, not assumed"):
 3. Fit every model, score Recall@{10,20,50}, NDCG@{10,20} and head / tail Recall@{20,50}
    (:mod:`trainer.metrics`; head = the top 20% of the training catalogue by training clicks).
 4. Print a markdown table and write JSON, markdown and a PNG bar plot (defaults under ``runs/eval-<dataset>/``).
+
+With ``--test-fractions F,F,...`` and / or ``--seeds S,S,...`` the command runs the rolling-origin evaluation of
+:mod:`trainer.rolling` instead: every model at every cut and seed, cold test users scored as a stratum of their own,
+95% bootstrap intervals over users (defaults under ``runs/eval-rolling-<dataset>/``).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from trainer.dataset import Dataset
-from trainer.metrics import head_items, ranking_metrics
+from trainer.metrics import ranking_metrics
 from trainer.peers import ALS, ItemCF, Popularity, Recommender
+from trainer.report import PLOT_METRICS, TABLE_METRICS, _nan_to_none, markdown_table, plot_metrics
+from trainer.split import HEAD_FRACTION, TemporalSplit, quantile_cut, temporal_split
 
 __all__ = [
     "DEFAULT_MODELS",
+    "HEAD_FRACTION",
+    "PLOT_METRICS",
+    "TABLE_METRICS",
     "EvalConfig",
     "TemporalSplit",
     "add_parser",
@@ -50,6 +57,7 @@ __all__ = [
     "load_dataset",
     "markdown_table",
     "plot_metrics",
+    "quantile_cut",
     "run",
     "temporal_split",
 ]
@@ -66,20 +74,6 @@ DATASET_EPOCHS = {"ml100k": 8}
 RECALL_KS = (10, 20, 50)
 NDCG_KS = (10, 20)
 SPLIT_KS = (20, 50)
-HEAD_FRACTION = 0.2
-PLOT_METRICS = ("recall@20", "ndcg@20", "head_recall@20", "tail_recall@20")
-TABLE_METRICS = (
-    "recall@10",
-    "recall@20",
-    "recall@50",
-    "ndcg@10",
-    "ndcg@20",
-    "head_recall@20",
-    "tail_recall@20",
-    "head_recall@50",
-    "tail_recall@50",
-    "coverage@50",
-)
 
 
 @dataclass(frozen=True)
@@ -97,97 +91,6 @@ class EvalConfig:
     epochs: int | None = None  # two-tower epochs; None: 2 with quick, else default_epochs(dataset)
     serving_prior: float = 0.0  # > 0: also a "two_tower+prior" row ranked by cos / tau + gamma * log p_j
     prior_half_life_days: float | None = None
-
-
-@dataclass(frozen=True)
-class TemporalSplit:
-    """Train on the past, test on the next period.
-
-    ``users`` are the warm test users (sorted) and ``relevant[i]`` the test items of ``users[i]``; ``head`` the
-    head items of the training catalogue (:func:`trainer.metrics.head_items`); ``info`` describes the split for
-    the JSON report.
-    """
-
-    train: Dataset
-    users: list[str]
-    relevant: list[set[str]]
-    cut_ms: int
-    head: frozenset[str]
-    info: dict[str, Any]
-
-
-def _iso(ms: int) -> str:
-    return dt.datetime.fromtimestamp(ms / 1000, tz=dt.UTC).isoformat(timespec="seconds")
-
-
-def temporal_split(
-    dataset: Dataset,
-    cut_ms: int,
-    end_ms: int | None = None,
-    rule: str = "",
-    head_fraction: float = HEAD_FRACTION,
-    source: dict[str, Any] | None = None,
-) -> TemporalSplit:
-    """Train = clicks with ``ts < cut_ms``; test = clicks with ``cut_ms <= ts < end_ms`` (``None``: to the end).
-
-    Test pairs the user clicked in training are dropped, duplicates count once, users without a training click
-    are skipped (counted in ``info``). ``rule`` (how the cut was chosen) and ``source`` (how the data was made)
-    are copied into ``info`` for the report.
-    """
-    train = dataset.between(None, cut_ms)
-    test = dataset.between(cut_ms, end_ms).clicks
-    if len(train.clicks) == 0 or len(test) == 0:
-        raise ValueError(
-            f"cut at {_iso(cut_ms)} leaves {len(train.clicks)} training and {len(test)} test clicks; expected both > 0"
-        )
-    seen = set(zip(train.clicks.user.tolist(), train.clicks.item.tolist(), strict=True))
-    warm = set(train.clicks.user.tolist())
-    trained_items = set(train.clicks.item.tolist())
-    per_user: dict[str, set[str]] = {}
-    cold: dict[str, set[str]] = {}
-    dropped = 0
-    for user, item in set(zip(test.user.tolist(), test.item.tolist(), strict=True)):
-        if (user, item) in seen:
-            dropped += 1
-        elif user in warm:
-            per_user.setdefault(user, set()).add(item)
-        else:
-            cold.setdefault(user, set()).add(item)
-    users = sorted(per_user)
-    relevant = [per_user[u] for u in users]
-    n_pairs = sum(len(r) for r in relevant)
-    catalogue = set(train.items) | trained_items
-    head = frozenset(head_items(train.click_counts(), catalogue, head_fraction))
-    info = {
-        "rule": rule,
-        "cut_ms": int(cut_ms),
-        "cut": _iso(cut_ms),
-        "end_ms": None if end_ms is None else int(end_ms),
-        "train_clicks": len(train.clicks),
-        "train_users": len(warm),
-        "train_items_clicked": len(trained_items),
-        "catalogue_items": len(catalogue),
-        "head_fraction": head_fraction,
-        "head_items": len(head),
-        "test_clicks": len(test),
-        "test_pairs_seen_in_train_dropped": dropped,
-        "test_users": len(users),
-        "test_pairs": n_pairs,
-        "test_pairs_new_item": sum(1 for r in relevant for i in r if i not in trained_items),
-        "cold_test_users_skipped": len(cold),
-        "cold_test_pairs_skipped": sum(len(r) for r in cold.values()),
-        "test_pairs_head_item": sum(1 for r in relevant for i in r if i in head),
-        "source": dict(source or {}),
-    }
-    logger.info(
-        "split %s: %d train clicks, %d test users, %d test pairs (%d cold users skipped)",
-        rule or _iso(cut_ms),
-        len(train.clicks),
-        len(users),
-        n_pairs,
-        len(cold),
-    )
-    return TemporalSplit(train, users, relevant, int(cut_ms), head, info)
 
 
 def _synthetic_world_config(quick: bool, seed: int) -> Any:
@@ -216,13 +119,26 @@ def load_dataset(config: EvalConfig) -> TemporalSplit:
 
         root = fetch(config.data_dir)
         dataset = Dataset.from_events(MovieLens100K(root).events(min_rating=config.min_rating))
-        ts = dataset.clicks.ts_ms
-        q = 1.0 - config.ml100k_test_fraction
-        # The first click at or after the quantile time: everything from it on is test, so ties are never split.
-        cut = int(ts[min(int(np.floor(q * len(ts))), len(ts) - 1)])
+        cut = quantile_cut(dataset, config.ml100k_test_fraction)
         rule = f"ml100k: test = last {config.ml100k_test_fraction:.0%} of clicks by time (ratings >= {config.min_rating:g})"
         source = {"root": str(root), "min_rating": config.min_rating, "test_fraction": config.ml100k_test_fraction}
         return temporal_split(dataset, cut, None, rule=rule, source=source)
+    raise ValueError(f"unknown dataset {config.dataset!r}; expected 'synthetic' or 'ml100k'")
+
+
+def build_dataset(config: EvalConfig) -> tuple[Dataset, dict[str, Any]]:
+    """The whole dataset named by ``config.dataset``, unsplit, and how it was made (for the rolling evaluation)."""
+    if config.dataset == "synthetic":
+        from streaming.sources.synthetic import SyntheticWorld
+
+        world_config = _synthetic_world_config(config.quick, config.seed)
+        return Dataset.from_events(SyntheticWorld(world_config).events()), {"world": dataclasses.asdict(world_config)}
+    if config.dataset == "ml100k":
+        from streaming.sources.movielens import MovieLens100K, fetch
+
+        root = fetch(config.data_dir)
+        dataset = Dataset.from_events(MovieLens100K(root).events(min_rating=config.min_rating))
+        return dataset, {"root": str(root), "min_rating": config.min_rating}
     raise ValueError(f"unknown dataset {config.dataset!r}; expected 'synthetic' or 'ml100k'")
 
 
@@ -335,93 +251,6 @@ def evaluate_models(models: dict[str, Callable[[], Recommender]], split: Tempora
     return results
 
 
-def markdown_table(
-    results: dict[str, dict[str, float]],
-    metrics: Sequence[str] = TABLE_METRICS,
-    with_se: Sequence[str] = ("recall@20",),
-) -> str:
-    """One row per model, one column per metric, the best value of each column in bold.
-
-    Metrics in ``with_se`` also show ``± standard error`` when the results carry ``<metric>_se``.
-    """
-    best = {}
-    for m in metrics:
-        finite = [r[m] for r in results.values() if m in r and np.isfinite(r[m])]
-        best[m] = max(finite) if finite else None
-    lines = ["| model | " + " | ".join(metrics) + " | fit s |", "|---" * (len(metrics) + 2) + "|"]
-    for name, r in results.items():
-        cells = []
-        for m in metrics:
-            v = r.get(m, float("nan"))
-            cell = f"**{v:.4f}**" if v == best[m] else f"{v:.4f}"
-            if m in with_se and f"{m}_se" in r:
-                cell += f" ± {r[f'{m}_se']:.4f}"
-            cells.append(cell)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {r.get('fit_s', float('nan')):.1f} |")
-    return "\n".join(lines)
-
-
-def _bar_colours(names: Sequence[str]) -> list[str]:
-    """The two-tower model in dark blue, its ablations in light blue, each peer in its own colour.
-
-    Colour says "which family" rather than "which row", so a reader sees the two-tower rows against the peers.
-    """
-    peer_colours = ["tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive"]
-    out: list[str] = []
-    peers = 0
-    for name in names:
-        if name == "two_tower":
-            out.append("#1f4e9c")
-        elif name.startswith("two_tower"):
-            out.append("#9ecae1")
-        else:
-            out.append(peer_colours[peers % len(peer_colours)])
-            peers += 1
-    return out
-
-
-def plot_metrics(
-    results: dict[str, dict[str, float]], path: Path, title: str, metrics: Sequence[str] = PLOT_METRICS
-) -> None:
-    """One panel per metric, one horizontal bar per model (names stay readable with a dozen ablations).
-
-    A metric with a ``<metric>_se`` entry gets a ± 1 standard error whisker. Each value is written just past the
-    end of its bar (and whisker), so labels never sit on a coloured bar.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    y = np.arange(len(names))
-    colours = _bar_colours(names)
-    fig, axes = plt.subplots(
-        1, len(metrics), sharey=True, figsize=(3.4 * len(metrics) + 2.8, 0.34 * len(names) + 1.7), squeeze=False
-    )
-    for ax, metric in zip(axes[0], metrics, strict=True):
-        values = np.array([results[n].get(metric, np.nan) for n in names], dtype=float)
-        errors = np.array([results[n].get(f"{metric}_se", np.nan) for n in names], dtype=float)
-        has_se = not np.isnan(errors).all()
-        ax.barh(y, np.nan_to_num(values), color=colours, xerr=np.nan_to_num(errors) if has_se else None,
-                error_kw={"elinewidth": 1.0, "capsize": 2, "ecolor": "0.25"})  # fmt: skip
-        ends = np.nan_to_num(values) + (np.nan_to_num(errors) if has_se else 0.0)
-        for row, (v, end) in enumerate(zip(values, ends, strict=True)):
-            ax.annotate("n/a" if np.isnan(v) else f"{v:.3f}", (end, row), xytext=(3, 0), textcoords="offset points",
-                        va="center", fontsize="small")  # fmt: skip
-        # Room on the right for the labels of the longest bar.
-        ax.set_xlim(0.0, max(float(np.max(ends)), 1e-3) * 1.3)
-        ax.set_title(metric + (" (± 1 s.e.)" if has_se else ""))
-        ax.grid(axis="x", alpha=0.3)
-    axes[0][0].set_yticks(y, names)
-    axes[0][0].invert_yaxis()  # first model on top, as in the table
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run(args: argparse.Namespace) -> int:
     """The ``eval`` command: returns the process exit code."""
     config = EvalConfig(
@@ -437,12 +266,15 @@ def run(args: argparse.Namespace) -> int:
         serving_prior=args.serving_prior,
         prior_half_life_days=args.prior_half_life,
     )
-    out_dir = Path("runs") / f"eval-{config.dataset}"
+    rolling = args.test_fractions is not None or args.seeds is not None
+    out_dir = Path("runs") / f"eval-{'rolling-' if rolling else ''}{config.dataset}"
     json_path = Path(args.json) if args.json else out_dir / "metrics.json"
     md_path = Path(args.markdown) if args.markdown else out_dir / "metrics.md"
     png_path = Path(args.plot) if args.plot else out_dir / "metrics.png"
 
     factories = build_models(config)  # fails fast on an unknown model name, before the data is built
+    if rolling:
+        return _run_rolling(args, config, json_path, md_path, png_path)
     split = load_dataset(config)
     results = evaluate_models(factories, split)
 
@@ -466,14 +298,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _nan_to_none(value: Any) -> Any:
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_nan_to_none(v) for v in value]
-    return value
+def _floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def _run_rolling(args: argparse.Namespace, config: EvalConfig, json_path: Path, md_path: Path, png_path: Path) -> int:
+    """``eval --test-fractions ... --seeds ...``: the rolling-origin evaluation of :mod:`trainer.rolling`."""
+    import shlex
+    import sys
+
+    from trainer.rolling import run_rolling, write_reports
+
+    fractions = _floats(args.test_fractions) if args.test_fractions else [config.ml100k_test_fraction]
+    seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else [config.seed]
+    dataset, source = build_dataset(config)
+    report = run_rolling(
+        dataset,
+        lambda seed: build_models(dataclasses.replace(config, seed=seed)),
+        fractions,
+        seeds,
+        resamples=args.bootstrap_resamples,
+        source=source,
+    )
+    report = {"dataset": config.dataset, "quick": config.quick, **report}
+    command = shlex.join(["python", "-m", "trainer", *sys.argv[1:]])
+    print(write_reports(report, json_path, md_path, png_path, command))
+    logger.info("wrote %s, %s, %s", json_path, md_path, png_path)
+    return 0
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -519,5 +370,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="with --serving-prior: weigh each click 2**(-age/DAYS) in the click share (default: unweighted)",
     )
     p.add_argument("--test-fraction", type=float, default=0.1, help="ml100k: share of the latest clicks held out")
+    p.add_argument(
+        "--test-fractions",
+        default=None,
+        metavar="F,F,...",
+        help="rolling-origin evaluation (trainer/rolling.py): one cut per share of the latest clicks held out, "
+        "warm and cold test users reported apart, 95%% bootstrap intervals over users",
+    )
+    p.add_argument(
+        "--seeds", default=None, metavar="S,S,...", help="rolling-origin evaluation: model seeds, pooled per cut"
+    )
+    p.add_argument(
+        "--bootstrap-resamples", type=int, default=1000, help="rolling-origin evaluation: user resamples per interval"
+    )
     p.add_argument("--min-rating", type=float, default=0.0, help="ml100k: ratings below this are not clicks")
     p.set_defaults(run=run)
