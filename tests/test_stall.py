@@ -61,6 +61,16 @@ def metric(port: int, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.split("{")[0].split(" ")[0] == name)
 
 
+def sample(port: int, series: str) -> float:
+    """One labelled sample (``name{label="value"}``) of a process's /metrics (0 while absent)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as response:
+            text = response.read().decode()
+    except OSError:
+        return 0.0
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.rsplit(" ", 1)[0] == series)
+
+
 def start(args: list[str], settings: KafkaSettings, log: Path, **env: str) -> subprocess.Popen:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FRESHTOWER_")}
     full_env.update(
@@ -131,7 +141,15 @@ def test_sigterm_ends_every_process_within_10s_while_the_broker_is_down(broker, 
     try:
         wait_for(lambda: metric(ports["worker"], "freshtower_examples_trained_total") == clicks, 120, "the worker")
         wait_for(lambda: metric(ports["archive"], "freshtower_archive_events_total") == len(day_two), 60, "the sink")
-        wait_for(lambda: metric(ports["publisher"], "freshtower_fanout_version") >= 1, 60, "a fanned-out version")
+        # A fanned-out version with users in it (the first publish may come before the worker's first click,
+        # with items only: the worker checkpoints every 0.5 s).
+        pub = ports["publisher"]
+        wait_for(lambda: sample(pub, 'freshtower_published_rows_total{kind="user"}') > 0, 60, "users published")
+        wait_for(
+            lambda: metric(pub, "freshtower_fanout_version") >= metric(pub, "freshtower_published_version") >= 1,
+            60,
+            "the version with users fanned out",
+        )
         broker.stop()
         # The outage itself is what is tested: the processes poll, reconnect and publish against a broker that is
         # gone for a few seconds before the signal (there is no event to wait for; that is the point).
