@@ -7,8 +7,9 @@ item in that arm's list (-1 when it is not in the list). ``HitRate@K`` is the sh
 Intervals resample **users**, not events (a user's clicks are not independent; one heavy user would
 otherwise narrow the interval): each replicate draws as many users as there are, with replacement, and takes
 the event-weighted mean over the drawn users' rows, i.e. ``sum of the drawn users' hit sums / sum of their
-event counts``. The 95% interval is the 2.5th and 97.5th percentile of the replicates (numpy's default
-linear interpolation). ``draws`` can be given explicitly, which is how the tests check it by hand.
+event counts`` (:func:`trainer.intervals.ratio_interval` of the per-user sums and counts). The 95% interval
+is the 2.5th and 97.5th percentile of the replicates (numpy's linear interpolation). ``draws`` can be given
+explicitly, which is how the tests check it by hand.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Scored", "Interval", "hit_rate", "paired_difference", "bootstrap_draws", "STRATA"]
+from trainer.intervals import bootstrap_indices, ratio_interval
+
+__all__ = ["Scored", "Interval", "hit_rate", "paired_difference", "rate_interval", "STRATA"]
 
 # name -> (column, value): the rows a stratum keeps.
 STRATA: dict[str, tuple[str, bool]] = {
@@ -108,9 +111,18 @@ def _by_user(users: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndar
     return sums, counts
 
 
-def bootstrap_draws(n_users: int, replicates: int, seed: int) -> np.ndarray:
-    """``[replicates, n_users]`` user indices drawn with replacement."""
-    return np.random.default_rng(seed).integers(0, n_users, size=(replicates, n_users))
+def _event_weighted(
+    users: np.ndarray, values: np.ndarray, replicates: int, seed: int, draws: np.ndarray | None
+) -> Interval:
+    """The mean of ``values`` over events and its interval resampling users: per resample, the drawn users'
+    sum over their event count, i.e. the ratio of the per-user means of sums and counts."""
+    if not len(values):
+        return Interval(float("nan"), float("nan"), float("nan"), 0, 0)
+    sums, counts = _by_user(users, values)
+    if draws is None:
+        draws = bootstrap_indices(len(sums), replicates, seed)
+    ratio = ratio_interval(sums, counts, draws)
+    return Interval(ratio.value, ratio.low, ratio.high, len(values), len(sums))
 
 
 def paired_difference(
@@ -125,26 +137,11 @@ def paired_difference(
 ) -> Interval:
     """HitRate@k of ``arm`` minus that of ``baseline`` on the same events, with a 95% bootstrap interval by user."""
     diff = scored.hits(arm, k).astype(np.float64) - scored.hits(baseline, k).astype(np.float64)
-    if not len(diff):
-        return Interval(float("nan"), float("nan"), float("nan"), 0, 0)
-    sums, counts = _by_user(scored.user, diff)
-    if draws is None:
-        draws = bootstrap_draws(len(sums), replicates, seed)
-    estimates = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
-    low, high = np.percentile(estimates, [2.5, 97.5])
-    return Interval(float(diff.mean()), float(low), float(high), len(diff), len(sums))
+    return _event_weighted(scored.user, diff, replicates, seed, draws)
 
 
 def rate_interval(
     scored: Scored, arm: str, k: int, *, replicates: int = 1000, seed: int = 0, draws: np.ndarray | None = None
 ) -> Interval:
     """HitRate@k of ``arm`` with a 95% bootstrap interval by user."""
-    hits = scored.hits(arm, k).astype(np.float64)
-    if not len(hits):
-        return Interval(float("nan"), float("nan"), float("nan"), 0, 0)
-    sums, counts = _by_user(scored.user, hits)
-    if draws is None:
-        draws = bootstrap_draws(len(sums), replicates, seed)
-    estimates = sums[draws].sum(axis=1) / counts[draws].sum(axis=1)
-    low, high = np.percentile(estimates, [2.5, 97.5])
-    return Interval(float(hits.mean()), float(low), float(high), len(hits), len(sums))
+    return _event_weighted(scored.user, scored.hits(arm, k).astype(np.float64), replicates, seed, draws)

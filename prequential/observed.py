@@ -74,9 +74,8 @@ class Observed:
         """Every clicked item's count so far, each click weighted ``2 ** (-age / half_life)`` when that is set."""
         if half_life_days is None:
             return {item: float(n) for item, n in self.item_clicks.items()}
+        items = np.array([i for _, i, _ in self.click_log], dtype=object)
         ts = np.fromiter((t for _, _, t in self.click_log), dtype=np.float64, count=len(self.click_log))
         weight = np.exp2(-((now_ms - ts) / 86_400_000.0) / half_life_days)
-        out: dict[str, float] = defaultdict(float)
-        for (_, item, _), w in zip(self.click_log, weight.tolist(), strict=True):
-            out[item] += w
-        return out
+        ids, inverse = np.unique(items.astype(str), return_inverse=True)
+        return dict(zip(ids.tolist(), np.bincount(inverse, weights=weight).tolist(), strict=True))

@@ -120,3 +120,14 @@ def test_the_click_filter_and_popularity_arm() -> None:
     assert observed.history("u0", before_ms=D0 + 4) == ["i0"]
     assert observed.first_seen_ms["i1"] == D0 and observed.first_seen_ms["i3"] == D0 + 4
     assert observed.catalogue_ids() == ["i0", "i1", "i2", "i3", "i9"]
+
+
+def test_recent_popularity_weighs_each_click_by_its_age() -> None:
+    observed = Observed(last_n=2)
+    day = 86_400_000
+    observed.add(
+        [Click("u0", "old", "a", D0), Click("u1", "old", "b", D0 + day), Click("u2", "new", "c", D0 + 2 * day)]
+    )
+    # Half-life 1 day, now = D0 + 2 days: "old" 2^-2 + 2^-1 = 0.75, "new" 2^0 = 1.
+    assert observed.popularity(1.0, observed.now_ms) == pytest.approx({"old": 0.75, "new": 1.0})
+    assert observed.popularity(None, observed.now_ms) == {"old": 2.0, "new": 1.0}
