@@ -17,7 +17,9 @@ an update holds. The process keeps two *sides*, each a RocksDB secondary of the 
 A request marks the side it uses (:meth:`ServedVersions.acquire`), and checks after marking that the snapshot
 is still current, so the refresher never touches a side a request is reading.
 
-Until the publisher has created the store, nothing is served (``/readyz`` answers 503). Then each side loads
+Until the publisher has created the store and published item vectors, nothing is served (``/readyz`` answers
+503); a store version that holds no item vector of its model (a publish of users only, before the first items or
+right after a model switch) is not swapped in. Then each side loads
 the publisher's newest index snapshot at or below its store version
 (:class:`publisher.index.IndexSnapshots`) and catches up from there; without one it builds from every item
 row. With ``index_kind="auto"`` the kind follows the catalogue size (``exact_max_items``).
@@ -169,6 +171,11 @@ class ServedVersions:
                 meta = view.meta()
                 if meta is None or not meta.model_version:
                     return False
+                if not meta.item_dim:
+                    # The publisher has written users but no item vector of this model yet (a first publish, or
+                    # the first one after a model switch): there is nothing to search; keep what is served.
+                    logger.debug("store version %d holds no item vectors of %s yet", meta.version, meta.model_version)
+                    return False
                 if current is not None and meta.version == current.meta.version:
                     return False
                 model = self._models.get(meta.model_version)
@@ -268,7 +275,7 @@ class ServedVersions:
                     meta.item_dim,
                 )
         ids = view.item_ids()
-        dim = meta.item_dim or 1
+        dim = meta.item_dim
         index = self._new_index(self._kind(len(ids)), dim)
         for start in range(0, len(ids), _CHUNK):
             chunk = ids[start : start + _CHUNK]

@@ -138,7 +138,7 @@ def test_auto_index_turns_approximate_above_the_exact_limit_and_follows_removals
             served.close()
 
 
-def test_not_ready_until_the_publisher_has_made_the_store_and_a_version(model, tmp_path: Path) -> None:
+def test_not_ready_until_the_publisher_has_made_the_store_and_a_version_with_items(model, tmp_path: Path) -> None:
     models, version = model
     served = served_versions(tmp_path / "kv", models)
     try:
@@ -147,8 +147,13 @@ def test_not_ready_until_the_publisher_has_made_the_store_and_a_version(model, t
             pass
         with RocksStore(tmp_path / "kv", sync=False) as store:
             assert not served.refresh() and not served.ready  # a store, but no version in it yet
-            publish_version(store, version, 1)
-            assert served.refresh() and served.current.meta.version == 1
+            user = version.encoder.user_vocab.tokens[1]
+            publish_version(store, version, 1, users={user: (model_rows(version, [user])[user], ())}, items={})
+            # Users but no item vector yet: nothing to search, so not ready (an empty index answered 500s).
+            assert not served.refresh() and not served.ready
+            publish_version(store, version, 2)
+            assert served.refresh() and served.current.meta.version == 2
+            assert served.current.index.dim == version.item_vectors.shape[1]
     finally:
         served.close()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import shutil
 import threading
 import time
@@ -282,7 +283,8 @@ def test_load_through_publishes_a_promotion_and_an_index_rebuild_fails_nothing(
         running.stop()
     assert not errors, errors
     failed = [r for r in results if r[1] != 200]
-    assert failed == [], failed[:10]
+    raised = sorted({line for line in log.splitlines() if re.match(r"\w+(Error|Exception): ", line)})
+    assert failed == [], (failed[:10], raised)
     pairs = Counter((model, version) for _, _, model, version in results)
     written = {(model, version) for version, model in running.published.items()}
     assert set(pairs) <= written, set(pairs) - written
