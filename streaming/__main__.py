@@ -168,6 +168,36 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_item_owner(args: argparse.Namespace) -> int:
+    """Own item-ID rows for a scaled-out worker group until SIGTERM/SIGINT (or until idle); see streaming.item_owner."""
+    from streaming.item_owner import ItemOwner, OwnerSettings
+    from streaming.lifecycle import ProcessGuard
+    from streaming.tables import TableSettings
+    from streaming.topics import ITEM_PATH_TOPICS
+    from trainer.artifact import load_version
+    from trainer.registry import Registry
+
+    kafka = _settings(args)
+    registry = Registry(args.models)
+    current = registry.current()
+    if current is None:
+        print(f"no promoted model in {args.models}: run `python -m trainer full` first", file=sys.stderr)
+        return 2
+    ensure_topics(kafka, names=ITEM_PATH_TOPICS)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    table = TableSettings(**{k: given[k] for k in ("min_count", "lr") if k in given})
+    fields = ("state_dir", "group_id", "instance_id", "session_timeout_ms", "transaction_timeout_ms")
+    settings = OwnerSettings(table=table, **{k: given[k] for k in fields if k in given})
+    owner = ItemOwner(kafka, settings, load_version(registry.path(current)))
+    guard = ProcessGuard("item-owner", stall_s=0).install()
+    try:
+        owner.run(guard.stop, exit_when_idle_s=args.exit_when_idle)
+    finally:
+        guard.done()
+    print(json.dumps({**dataclasses.asdict(owner.stats), "owned": sorted(owner.owned)}, sort_keys=True))
+    return 0
+
+
 def cmd_compact_archive(args: argparse.Namespace) -> int:
     """Compact every archived day before ``--before`` (default today, UTC); one JSON line per day."""
     from streaming import archive
@@ -227,6 +257,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-addr", help="address the /metrics server binds (default: 127.0.0.1)")
     p.add_argument("--exit-when-idle", type=float, help="exit after this many seconds with the stream fully applied")
     p.set_defaults(run=cmd_worker)
+    p = sub.add_parser("item-owner", parents=[common], help="own item-ID rows of a scaled-out worker group")
+    p.add_argument("--models", type=Path, default=Path("artifacts/models"), help="model registry directory")
+    p.add_argument("--state-dir", type=Path, help="scratch RocksDB of the owned rows (default: data/item-owner)")
+    p.add_argument("--group", dest="group_id", help="consumer group id of the owners (default: freshtower-item-owner)")
+    p.add_argument("--instance-id", help="member name, the transactional id's suffix (default: random)")
+    p.add_argument("--lr", type=float, help="row-wise Adagrad step (default: the worker's, 0.05)")
+    p.add_argument("--min-count", type=int, help="admission count of ids the model does not know (default: 2)")
+    p.add_argument("--session-timeout-ms", type=int, help="group session timeout (default: 15000)")
+    p.add_argument("--transaction-timeout-ms", type=int, help="Kafka transaction timeout (default: 10000)")
+    p.add_argument("--exit-when-idle", type=float, help="exit after this many seconds without a gradient")
+    p.set_defaults(run=cmd_item_owner)
     p = sub.add_parser("archive", parents=[common], help="archive every event topic into daily Parquet partitions")
     add_archive_arguments(p)
     p.set_defaults(run=cmd_archive)

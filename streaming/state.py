@@ -108,6 +108,10 @@ class StateStore:
     def pending(self) -> int:
         return len(self._pending)
 
+    def staged(self) -> dict[bytes, bytes | None]:
+        """The changes the next checkpoint writes (None: a delete), e.g. to send them to a changelog first."""
+        return dict(self._pending)
+
     def checkpoint(self, offsets: dict[str, int], meta: dict[str, Any]) -> int:
         """Write the buffered changes, the offsets and the metadata atomically; returns the keys written."""
         if self._secondary:

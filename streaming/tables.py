@@ -28,11 +28,11 @@ import numpy as np
 
 from streaming.state import StateStore
 
-__all__ = ["EmbeddingTable", "TableSettings"]
+__all__ = ["ROW_HEADER", "EmbeddingTable", "TableSettings"]
 
 logger = logging.getLogger(__name__)
 
-_ROW_HEADER = struct.Struct("<qqf")  # last_seen_ms, updates, accumulator
+ROW_HEADER = struct.Struct("<qqf")  # last_seen_ms, updates, accumulator
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,10 @@ class EmbeddingTable:
 
     def __contains__(self, ident: str) -> bool:
         return ident in self._slot
+
+    def ids(self) -> list[str]:
+        """The ids with an online row, sorted."""
+        return sorted(self._slot)
 
     @property
     def pending_ids(self) -> int:
@@ -166,7 +170,7 @@ class EmbeddingTable:
         """Stage the changed rows and admission counts in the state store (written at the next checkpoint)."""
         for ident in self._dirty:
             slot = self._slot[ident]
-            header = _ROW_HEADER.pack(int(self._last_seen[slot]), int(self._updates[slot]), float(self._accum[slot]))
+            header = ROW_HEADER.pack(int(self._last_seen[slot]), int(self._updates[slot]), float(self._accum[slot]))
             self._state.put(self._prefix + ident.encode(), header + self._vectors[slot].tobytes())
         for ident in self._deleted:
             self._state.delete(self._prefix + ident.encode())
@@ -182,9 +186,9 @@ class EmbeddingTable:
         self._dirty_pending.clear()
 
     def _load(self) -> None:
-        size = _ROW_HEADER.size
+        size = ROW_HEADER.size
         for key, value in self._state.scan(self._prefix):
-            last_seen, updates, accum = _ROW_HEADER.unpack_from(value)
+            last_seen, updates, accum = ROW_HEADER.unpack_from(value)
             slot = self._allocate(key[len(self._prefix) :].decode())
             self._vectors[slot] = np.frombuffer(value, dtype=np.float32, offset=size)
             self._accum[slot], self._last_seen[slot], self._updates[slot] = accum, last_seen, updates

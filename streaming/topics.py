@@ -4,7 +4,8 @@ impressions, clicks and users are keyed by ``user_id`` and created with the same
 so one user's events land on the same partition number of each topic (co-partitioning): the worker
 that owns partition p holds every piece of state of the users hashed to p. ``items`` and ``users``
 are compacted (the latest record per key is what matters). ``deadletter`` keeps what failed
-validation, with the reason in a header.
+validation, with the reason in a header. ``item-grads`` and ``item-rows`` carry the item path of a scaled-out
+worker group (:mod:`streaming.item_rows`); ``item-rows`` is compacted, being the item owners' changelog.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from streaming.settings import KafkaSettings
 __all__ = [
     "DEADLETTER",
     "EVENT_TOPICS",
+    "ITEM_PATH_TOPICS",
     "connect_admin",
     "ensure_topics",
     "topic_for",
@@ -34,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 EVENT_TOPICS: dict[type, str] = {Impression: "impressions", Click: "clicks", Item: "items", UserProfile: "users"}
 DEADLETTER = "deadletter"
-COMPACTED = {"items", "users"}
+ITEM_PATH_TOPICS = ("item-grads", "item-rows")
+COMPACTED = {"items", "users", "item-rows"}
 
 
 def topic_for(event: Event, settings: KafkaSettings) -> str:
@@ -50,9 +53,11 @@ def type_for_topic(topic: str, settings: KafkaSettings) -> type | None:
     return None
 
 
-def ensure_topics(settings: KafkaSettings, *, timeout_s: float = 30.0) -> list[str]:
-    """Create the event and dead-letter topics if missing; return the full names. Idempotent."""
-    names = [*EVENT_TOPICS.values(), DEADLETTER]
+def ensure_topics(
+    settings: KafkaSettings, *, timeout_s: float = 30.0, names: tuple[str, ...] | None = None
+) -> list[str]:
+    """Create the event and dead-letter topics (or ``names``) if missing; return the full names. Idempotent."""
+    names = list(names) if names is not None else [*EVENT_TOPICS.values(), DEADLETTER]
     deadline = time.monotonic() + timeout_s
     admin = connect_admin(settings, "freshtower-admin", deadline)
     try:

@@ -1,0 +1,299 @@
+"""The owner of item-ID rows: gradients in, rows out, exactly once, one owner per row.
+
+An :class:`ItemOwner` is a member of a Kafka consumer group on ``item-grads`` (:mod:`streaming.item_rows`). For
+the partitions it is assigned it holds the item rows in an :class:`~streaming.tables.EmbeddingTable`, the same
+table, admission and row-wise Adagrad a single worker trains its item rows with, and it applies every gradient
+record of those partitions in offset order. Each :meth:`ItemOwner.step` is one Kafka transaction (KIP-98, with
+the consumer group's metadata for fencing, KIP-447):
+
+1. poll gradient records of the owned partitions;
+2. apply them to the table (admission counts, then Adagrad on the summed gradient of each record);
+3. send every state change the table staged (rows, admission counts, removals as tombstones) to ``item-rows``,
+   on the item's partition;
+4. add the consumed offsets to the transaction and commit.
+
+So the rows in ``item-rows`` and the gradient offsets committed for the group move together: a SIGKILL at any
+moment leaves either the whole step or none of it, and the next owner of the partition (the same process
+restarted, or another member after a rebalance) restores the table from ``item-rows`` (read committed) and
+re-reads the gradients after the committed offset. Nothing is applied twice or lost. An owner that the group has
+replaced but that is still running (a long pause) is fenced by the broker when it commits; it aborts, drops its
+table and rejoins.
+
+Determinism: the rows of an item depend only on the gradient records of its partition, in offset order, and on
+admission (``min_count``), so two runs over the same gradient records give the same rows, whatever the polls'
+sizes, restarts or rebalances, as long as the table neither evicts (``max_rows``) nor expires (``idle_ms``,
+checked every ``expire_every`` steps against the newest event time owned), whose timing follows the batches.
+
+Restoring reads each owned partition of ``item-rows`` from its start (the topic is compacted, so this is about
+one record per row and admission count) to its high watermark, so that a transaction still open there (the last
+step of a killed owner) has ended first; rows of another model version are skipped. Keeping a local copy with
+its changelog position, as Kafka Streams does, would make a restart cheaper; it is not done yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from streaming.consumer import subscribe
+from streaming.item_rows import MODEL_HEADER, decode_gradient, item_of_key, partition_of
+from streaming.settings import KafkaSettings
+from streaming.state import StateStore
+from streaming.tables import EmbeddingTable, TableSettings
+from trainer.artifact import ModelVersion
+
+__all__ = ["ItemOwner", "OwnerSettings"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OwnerSettings:
+    """Settings of one item owner. ``table``: as the single worker's item table (its ``lr``, ``min_count``...)."""
+
+    state_dir: Path = Path("data/item-owner")
+    group_id: str = "freshtower-item-owner"
+    instance_id: str = ""
+    table: TableSettings = field(default_factory=TableSettings)
+    poll_ms: int = 200
+    expire_every: int = 100
+    session_timeout_ms: int = 15_000
+    # A killed owner's open transaction holds back the rows of its partitions until the broker aborts it: this long
+    # (plus the broker's abort check, every 10 s by default). A restarted member with the same instance_id aborts it
+    # at once.
+    transaction_timeout_ms: int = 10_000
+
+    def member(self) -> str:
+        return self.instance_id or f"owner-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class OwnerStats:
+    steps: int = 0
+    gradients: int = 0
+    rows_sent: int = 0
+    dropped: int = 0  # gradient records of another model version, or unreadable
+    restores: int = 0
+    restored_records: int = 0
+
+
+class ItemOwner:
+    """One member of the item-owner group over ``kafka``'s ``item-grads`` (module docstring)."""
+
+    def __init__(self, kafka: KafkaSettings, settings: OwnerSettings, version: ModelVersion) -> None:
+        self.kafka = kafka
+        self.settings = settings
+        self.model_version = version.version_id
+        self._base = version.model.item_tower.id_table.weight.detach().numpy().copy()
+        self._index = {token: k for k, token in enumerate(version.encoder.item_vocab.tokens, start=1)}
+        self.grads_topic = kafka.topic("item-grads")
+        self.rows_topic = kafka.topic("item-rows")
+        self.stats = OwnerStats()
+        self.member = settings.member()
+        self.owned: set[int] = set()
+        self._generation = 0
+        self._store: StateStore | None = None
+        self.table: EmbeddingTable | None = None
+        self._newest_ms = 0
+        self._moved = False
+        self._closed = False
+        common = {**kafka.client_config(), "isolation_level": "read_committed", "auto_offset_reset": "earliest"}
+        self._rows = KafkaConsumer(group_id=None, client_id="freshtower-item-owner-restore", **common)
+        self._hw = KafkaConsumer(group_id=None, client_id="freshtower-item-owner-hw", **kafka.client_config())
+        self.partitions = len(self._rows.partitions_for_topic(self.rows_topic) or ())
+        if not self.partitions:
+            raise RuntimeError(f"topic {self.rows_topic} does not exist: create the item-path topics first")
+        self.producer = KafkaProducer(
+            **kafka.producer_config(),
+            client_id="freshtower-item-owner",
+            transactional_id=f"{settings.group_id}-{self.member}",
+            enable_idempotence=True,
+            transaction_timeout_ms=settings.transaction_timeout_ms,
+        )
+        self.producer.init_transactions()  # fences an earlier life of this member and aborts what it left open
+        self.consumer = KafkaConsumer(
+            group_id=settings.group_id,
+            client_id="freshtower-item-owner",
+            enable_auto_commit=False,
+            session_timeout_ms=settings.session_timeout_ms,
+            **common,
+        )
+        subscribe(self.consumer, [self.grads_topic], self._on_assigned, self._on_revoked)
+
+    # ------------------------------------------------------------------ partitions
+    # Called inside poll(), on the client's network loop: only note the change; the next step restores before it
+    # applies anything (every earlier step's transaction has been committed or aborted by then).
+    def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.owned |= {tp.partition for tp in assigned}
+        self._moved = True
+
+    def _on_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.owned -= {tp.partition for tp in revoked}
+        self._moved = True
+
+    def _restore(self) -> None:
+        """A fresh table holding exactly what ``item-rows`` has committed for the owned partitions."""
+        if self._store is not None:
+            self._store.close()
+        self._generation += 1
+        shutil.rmtree(self.settings.state_dir, ignore_errors=True)
+        self._store = StateStore(self.settings.state_dir / f"g{self._generation}", sync=False)
+        tps = [TopicPartition(self.rows_topic, p) for p in sorted(self.owned)]
+        records = 0
+        if tps:
+            self._rows.assign(tps)
+            self._rows.seek_to_beginning(*tps)
+            # Read to the high watermark, not to the last stable offset: the previous owner's last transaction may
+            # be committed with its markers not written yet, or (owner killed) still open until the transaction
+            # timeout aborts it. Either way the rows are only complete once it has ended.
+            end = self._hw.end_offsets(tps)
+            deadline = time.monotonic() + 3 * self.settings.transaction_timeout_ms / 1000
+            while any(self._rows.position(tp) < end[tp] for tp in tps):
+                if time.monotonic() > deadline:
+                    behind = {tp.partition: (self._rows.position(tp), end[tp]) for tp in tps}
+                    raise RuntimeError(f"{self.rows_topic}: a transaction did not end in time; at/end {behind}")
+                for batch in self._rows.poll(timeout_ms=500).values():
+                    for record in batch:
+                        if dict(record.headers or ()).get(MODEL_HEADER, b"").decode() != self.model_version:
+                            continue
+                        if record.value is None:
+                            self._store.delete(record.key)
+                        else:
+                            self._store.put(record.key, record.value)
+                        records += 1
+        self._store.checkpoint({}, {"generation": self._generation})
+        self.table = EmbeddingTable("item", self._base, self._index, self.settings.table, self._store)
+        self.stats.restores += 1
+        self.stats.restored_records += records
+        logger.info("owning item partitions %s: %d rows restored", sorted(self.owned), len(self.table))
+
+    # ------------------------------------------------------------------ one step
+    def step(self, timeout_ms: int | None = None) -> int:
+        """Poll, apply and commit one transaction; returns the gradient records applied (0: nothing polled)."""
+        batches = self.consumer.poll(timeout_ms=self.settings.poll_ms if timeout_ms is None else timeout_ms)
+        if self._moved:
+            self._moved = False
+            self._restore()
+        if not batches:
+            return 0
+        assert self.table is not None and self._store is not None
+        applied = 0
+        self.producer.begin_transaction()
+        try:
+            for tp in sorted(batches, key=lambda t: t.partition):
+                for record in batches[tp]:
+                    applied += self._apply(record)
+            self.stats.steps += 1
+            if self.stats.steps % self.settings.expire_every == 0 and self._newest_ms:
+                self.table.expire(self._newest_ms)
+            self.table.flush()
+            staged = self._store.staged()
+            header = [(MODEL_HEADER, self.model_version.encode())]
+            for key, value in staged.items():
+                item = item_of_key(key)
+                assert item is not None, key
+                self.producer.send(
+                    self.rows_topic, key=key, value=value, partition=partition_of(item, self.partitions), headers=header
+                )
+            offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "", -1) for tp, records in batches.items()}
+            self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
+            self.producer.commit_transaction()
+        except BaseException:
+            self._abort()
+            raise
+        self._store.checkpoint({}, {"generation": self._generation})
+        self.stats.gradients += applied
+        self.stats.rows_sent += len(staged)
+        return applied
+
+    def _apply(self, record) -> int:
+        assert self.table is not None
+        version = dict(record.headers or ()).get(MODEL_HEADER, b"").decode()
+        try:
+            if version != self.model_version:
+                raise ValueError(f"model version {version!r}, owner at {self.model_version!r}")
+            gradient = decode_gradient(record.key.decode(), record.value)
+        except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+            self.stats.dropped += 1
+            logger.warning("gradient %s[%d]@%d dropped: %s", record.topic, record.partition, record.offset, exc)
+            return 0
+        self._newest_ms = max(self._newest_ms, gradient.ts_ms)
+        if gradient.uses:
+            self.table.observe([gradient.item_id] * gradient.uses, gradient.ts_ms)
+        if gradient.grad is not None:
+            if gradient.grad.shape[0] != self.table.dim:
+                self.stats.dropped += 1
+                logger.warning(
+                    "gradient of %r: dim %d, rows %d; dropped", gradient.item_id, gradient.grad.shape[0], self.table.dim
+                )
+                return 0
+            _, slots = self.table.gather([gradient.item_id])
+            self.table.apply_gradients(slots, gradient.grad[None, :].astype(np.float32))
+        return 1
+
+    def _abort(self) -> None:
+        """Undo a step that did not commit: the table is rebuilt from what ``item-rows`` holds, and the consumer goes
+        back to the committed offsets of the owned partitions."""
+        try:
+            self.producer.abort_transaction()
+        except KafkaError as exc:  # fenced, or the producer is in a fatal state: the process must restart
+            logger.warning("aborting the transaction failed: %s", exc)
+        if self._store is not None:
+            self._store.discard()
+        if self._closed:
+            return
+        try:
+            self._restore()
+            for tp in self.consumer.assignment():
+                committed = self.consumer.committed(tp)
+                if committed is None:
+                    self.consumer.seek_to_beginning(tp)
+                else:
+                    self.consumer.seek(tp, committed)
+        except KafkaError as exc:
+            logger.warning("could not rewind after an aborted step: %s", exc)
+
+    # ------------------------------------------------------------------ loop
+    def run(self, stop: threading.Event, *, exit_when_idle_s: float | None = None) -> None:
+        """Step until ``stop`` is set (SIGTERM-safe: a step is a transaction, committed or aborted before exit)."""
+        last = time.monotonic()
+        try:
+            while not stop.is_set():
+                if self.step():
+                    last = time.monotonic()
+                elif exit_when_idle_s is not None and self.owned and time.monotonic() - last >= exit_when_idle_s:
+                    break
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for closer in (
+            lambda: self.consumer.close(timeout_ms=2000),
+            lambda: self.producer.close(timeout=2),
+            lambda: self._rows.close(timeout_ms=2000),
+            lambda: self._hw.close(timeout_ms=2000),
+        ):
+            try:
+                closer()
+            except Exception:
+                logger.debug("close failed", exc_info=True)
+        if self._store is not None:
+            self._store.close()
+
+    def rows(self) -> dict[str, np.ndarray]:
+        """The online rows of the owned partitions now (for tests and diagnostics)."""
+        assert self.table is not None
+        return {ident: self.table.row(ident) for ident in self.table.ids()}

@@ -1,0 +1,259 @@
+"""The item owner on the real broker: hand-worked Adagrad steps, and exactly-once rows under SIGKILL and rebalances."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import KafkaAdminClient
+
+from streaming.item_owner import ItemOwner, OwnerSettings
+from streaming.item_rows import (
+    MODEL_HEADER,
+    PENDING_PREFIX,
+    Gradient,
+    RowsMirror,
+    decode_gradient,
+    encode_gradient,
+    partition_of,
+)
+from streaming.settings import KafkaSettings
+from streaming.state import StateStore
+from streaming.tables import EmbeddingTable, TableSettings
+from streaming.topics import ITEM_PATH_TOPICS, ensure_topics
+from tests.worker_fixtures import register_model, split_world, wait_for
+from trainer.artifact import load_version
+
+REPO = Path(__file__).resolve().parents[1]
+DIM = 16  # the fixture model's id_dim
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory):
+    _, day_one, _ = split_world()
+    root = tmp_path_factory.mktemp("owner-models")
+    registry = register_model(root, day_one)
+    return root, load_version(registry.path("v1"))
+
+
+def _send(settings: KafkaSettings, gradients: list[Gradient], version: str = "v1") -> None:
+    producer = KafkaProducer(**settings.producer_config())
+    for g in gradients:
+        producer.send(
+            settings.topic("item-grads"),
+            key=g.item_id.encode(),
+            value=encode_gradient(g),
+            headers=[(MODEL_HEADER, version.encode())],
+        )
+    producer.flush()
+    producer.close()
+
+
+def _committed_rows(settings: KafkaSettings, timeout_s: float = 60.0) -> tuple[RowsMirror, dict[bytes, bytes | None]]:
+    """``item-rows`` as a read-committed reader sees it once no transaction is open: the mirror and the last value
+    of every key."""
+    topic = settings.topic("item-rows")
+    hw_reader = KafkaConsumer(group_id=None, **settings.client_config())
+    reader = KafkaConsumer(group_id=None, isolation_level="read_committed", **settings.client_config())
+    tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic))]
+    reader.assign(tps)
+    reader.seek_to_beginning(*tps)
+    end = hw_reader.end_offsets(tps)
+    mirror, last = RowsMirror("v1"), {}
+    deadline = time.monotonic() + timeout_s
+    while any(reader.position(tp) < end[tp] for tp in tps):
+        assert time.monotonic() < deadline, "a transaction on item-rows did not end"
+        for batch in reader.poll(timeout_ms=500).values():
+            for r in batch:
+                mirror.apply(r.key, r.value, dict(r.headers)[MODEL_HEADER].decode())
+                last[r.key] = r.value
+    reader.close()
+    hw_reader.close()
+    return mirror, last
+
+
+@pytest.mark.kafka
+def test_gradient_codec_round_trips_and_refuses_what_it_cannot_read() -> None:
+    g = Gradient("i7", 1_000, 3, np.arange(4, dtype=np.float32))
+    back = decode_gradient("i7", encode_gradient(g))
+    assert (back.item_id, back.ts_ms, back.uses) == ("i7", 1_000, 3) and back.grad.tolist() == [0, 1, 2, 3]
+    assert decode_gradient("i7", encode_gradient(Gradient("i7", 5, 1, None))).grad is None
+    with pytest.raises(ValueError, match="shorter"):
+        decode_gradient("i7", b"\x01")
+    with pytest.raises(ValueError, match="vector bytes"):
+        decode_gradient("i7", encode_gradient(g)[:-4])
+    with pytest.raises(ValueError, match="not finite"):
+        decode_gradient("i7", encode_gradient(Gradient("i7", 1, 1, np.array([np.nan], dtype=np.float32))))
+    assert partition_of("i7", 4) == partition_of("i7", 4) and {partition_of(f"i{k}", 4) for k in range(50)} == {
+        0,
+        1,
+        2,
+        3,
+    }
+
+
+@pytest.mark.kafka
+def test_owner_applies_row_wise_adagrad_worked_by_hand(kafka_settings: KafkaSettings, model, tmp_path: Path) -> None:
+    _, version = model
+    ensure_topics(kafka_settings, names=ITEM_PATH_TOPICS)
+    known = version.encoder.item_vocab.tokens[0]  # vocabulary row 1 of the model's item table
+    w0 = version.model.item_tower.id_table.weight[1].detach().numpy().copy()
+    default = version.model.item_tower.id_table.weight[0].detach().numpy().copy()
+    _send(
+        kafka_settings,
+        [
+            Gradient(known, 10, 1, np.full(DIM, 0.4, dtype=np.float32)),
+            Gradient("brand-new", 11, 1, np.full(DIM, 1.0, dtype=np.float32)),  # 1 use of 2: not admitted, ignored
+            Gradient(known, 12, 2, np.full(DIM, -0.3, dtype=np.float32)),
+            Gradient("brand-new", 13, 1, np.full(DIM, 0.2, dtype=np.float32)),  # 2nd use: admitted, then trained
+        ],
+    )
+    _send(kafka_settings, [Gradient(known, 14, 1, np.full(DIM, 9.0, dtype=np.float32))], version="v0")  # dropped
+    owner = ItemOwner(kafka_settings, OwnerSettings(state_dir=tmp_path / "owner", session_timeout_ms=6000), version)
+    try:
+        applied = 0
+        deadline = time.monotonic() + 60
+        while applied < 4 or owner.stats.dropped < 1:
+            assert time.monotonic() < deadline, owner.stats
+            applied += owner.step(timeout_ms=500)
+        assert (applied, owner.stats.dropped) == (4, 1)
+    finally:
+        owner.close()
+    # Row-wise Adagrad from an accumulator of 0.1: G += mean(g^2); w -= 0.05 * g / sqrt(G).
+    # known: G = 0.1 + 0.16 = 0.26, w1 = w0 - 0.05 * 0.4 / sqrt(0.26); G = 0.26 + 0.09 = 0.35, w2 = w1 + 0.05 * 0.3 / sqrt(0.35)
+    w2 = w0 - 0.05 * 0.4 / np.sqrt(0.26) + 0.05 * 0.3 / np.sqrt(0.35)
+    # brand-new: admitted at its 2nd use from the default row, G = 0.1 + 0.04 = 0.14, w = default - 0.05 * 0.2 / sqrt(0.14)
+    new = default - 0.05 * 0.2 / np.sqrt(0.14)
+    mirror, last = _committed_rows(kafka_settings)
+    np.testing.assert_allclose(mirror.row(known), w2, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(mirror.row("brand-new"), new, rtol=0, atol=1e-6)
+    assert (
+        mirror.updates(known) == 2 and mirror.updates("brand-new") == 1 and mirror.ids() == sorted([known, "brand-new"])
+    )
+    # The admission count was written, then removed by a tombstone once the id was admitted.
+    assert PENDING_PREFIX + b"brand-new" in last and last[PENDING_PREFIX + b"brand-new"] is None
+    assert RowsMirror("v2").row(known) is None  # a mirror of another model version takes none of these rows
+
+
+def _gradients(item_ids: list[str], n: int, seed: int) -> list[Gradient]:
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        grad = np.asarray([rng.gauss(0, 0.1) for _ in range(DIM)], dtype=np.float32)
+        out.append(Gradient(rng.choice(item_ids), 1_000 + k, rng.choice((1, 1, 2)), grad))
+    return out
+
+
+def _reference(version, gradients: list[Gradient], partitions: int, tmp_path: Path) -> dict[str, np.ndarray]:
+    """The rows one uninterrupted owner makes: each partition's records in order (the same table code)."""
+    base = version.model.item_tower.id_table.weight.detach().numpy().copy()
+    index = {t: k for k, t in enumerate(version.encoder.item_vocab.tokens, start=1)}
+    store = StateStore(tmp_path / "reference", sync=False)
+    table = EmbeddingTable("item", base, index, TableSettings(), store)
+    for p in range(partitions):
+        for g in (g for g in gradients if partition_of(g.item_id, partitions) == p):
+            table.observe([g.item_id] * g.uses, g.ts_ms)
+            _, slots = table.gather([g.item_id])
+            table.apply_gradients(slots, g.grad[None, :])
+    rows = {i: table.row(i) for i in table.ids()}
+    store.close()
+    return rows
+
+
+def _owner(settings: KafkaSettings, models: Path, tmp_path: Path, name: str, life: int) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "streaming", "item-owner", "--bootstrap", settings.bootstrap_servers,
+        "--topic-prefix", settings.topic_prefix, "--models", str(models), "--state-dir", str(tmp_path / name),
+        "--instance-id", name, "--session-timeout-ms", "6000", "--transaction-timeout-ms", "8000",
+        "--exit-when-idle", "10",
+    ]  # fmt: skip
+    log = open(tmp_path / f"{name}-{life}.log", "w")  # noqa: SIM115 (closed with the process)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
+
+
+def _owns(tmp_path: Path, name: str, life: int, count: int) -> bool:
+    """Whether that life of the owner last logged owning ``count`` partitions (a restore is done by then)."""
+    path = tmp_path / f"{name}-{life}.log"
+    lines = [line for line in path.read_text().splitlines() if "owning item partitions" in line]
+    return bool(lines) and lines[-1].split("[")[1].split("]")[0].count(",") + 1 == count
+
+
+def _progress(settings: KafkaSettings) -> int:
+    """Gradient records the owner group has committed, over every partition."""
+    admin = KafkaAdminClient(**settings.client_config())
+    try:
+        offsets = admin.list_group_offsets("freshtower-item-owner")["freshtower-item-owner"]
+    finally:
+        admin.close()
+    return sum(o.offset for tp, o in offsets.items() if tp.topic == settings.topic("item-grads"))
+
+
+@pytest.mark.kafka
+@pytest.mark.slow
+def test_two_owners_sigkill_and_scaling_apply_every_gradient_exactly_once(
+    kafka_settings: KafkaSettings, model, tmp_path: Path
+) -> None:
+    """Owners a and b share the 4 partitions; a is SIGKILLed mid-stream and b takes them all (2 -> 1 owners); a comes
+    back under its name (1 -> 2), then b is SIGKILLed and comes back. The rows equal an uninterrupted owner's, bit
+    for bit: no gradient lost, none applied twice."""
+    models, version = model
+    ensure_topics(kafka_settings, names=ITEM_PATH_TOPICS)
+    items = [*version.encoder.item_vocab.tokens[:150], *(f"new-{k}" for k in range(30))]
+    gradients = _gradients(items, 12_000, seed=4)
+    expected = _reference(version, gradients, kafka_settings.partitions, tmp_path)
+    lives = {"a": 0, "b": 0}
+
+    def start(name: str) -> subprocess.Popen:
+        lives[name] += 1
+        return _owner(kafka_settings, models, tmp_path, name, lives[name])
+
+    def owns(name: str, count: int) -> bool:
+        return _owns(tmp_path, name, lives[name], count)
+
+    def stream() -> None:  # about 40 s of gradients, in slices
+        for begin in range(0, len(gradients), 150):
+            _send(kafka_settings, gradients[begin : begin + 150])
+            time.sleep(0.5)
+
+    a, b = start("a"), start("b")
+    producer = threading.Thread(target=stream)
+    try:
+        wait_for(lambda: owns("a", 2) and owns("b", 2), 90, "two owners of two partitions each")
+        producer.start()
+        wait_for(lambda: _progress(kafka_settings) >= 1_500, 60, "both owners applying gradients")
+        a.send_signal(signal.SIGKILL)  # mid-stream, most likely inside a transaction
+        a.wait(10)
+        done = _progress(kafka_settings)
+        wait_for(lambda: owns("b", 4), 60, "b owning every partition")
+        wait_for(lambda: _progress(kafka_settings) >= done + 1_000, 60, "b alone applying gradients")
+        a = start("a")  # back under its name: init_transactions aborts the transaction its last life left open
+        wait_for(lambda: owns("a", 2) and owns("b", 2), 60, "two owners again")
+        done = _progress(kafka_settings)
+        wait_for(lambda: _progress(kafka_settings) >= done + 1_000, 60, "both owners applying gradients again")
+        assert producer.is_alive(), "the stream ended before the last crash: make it longer"
+        b.send_signal(signal.SIGKILL)
+        b.wait(10)
+        b = start("b")
+        producer.join(120)
+        assert a.wait(120) == 0 and b.wait(120) == 0
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()
+        if producer.is_alive():
+            producer.join(60)
+    assert _progress(kafka_settings) == len(gradients)
+    mirror, _ = _committed_rows(kafka_settings)
+    assert mirror.ids() == sorted(expected)
+    for item_id, row in expected.items():
+        assert np.array_equal(mirror.row(item_id), row), item_id
