@@ -189,6 +189,10 @@ def cmd_item_owner(args: argparse.Namespace) -> int:
     fields = ("state_dir", "group_id", "instance_id", "session_timeout_ms", "transaction_timeout_ms")
     settings = OwnerSettings(table=table, **{k: given[k] for k in fields if k in given})
     owner = ItemOwner(kafka, settings, load_version(registry.path(current)))
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.metrics_addr, registry=owner.metrics.registry)
     guard = ProcessGuard("item-owner", stall_s=0).install()
     try:
         owner.run(guard.stop, exit_when_idle_s=args.exit_when_idle)
@@ -266,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-count", type=int, help="admission count of ids the model does not know (default: 2)")
     p.add_argument("--session-timeout-ms", type=int, help="group session timeout (default: 15000)")
     p.add_argument("--transaction-timeout-ms", type=int, help="Kafka transaction timeout (default: 10000)")
+    p.add_argument("--metrics-port", type=int, default=9105, help="serve Prometheus /metrics on PORT (0: off)")
+    p.add_argument("--metrics-addr", default="127.0.0.1", help="address the /metrics server binds")
     p.add_argument("--exit-when-idle", type=float, help="exit after this many seconds without a gradient")
     p.set_defaults(run=cmd_item_owner)
     p = sub.add_parser("archive", parents=[common], help="archive every event topic into daily Parquet partitions")

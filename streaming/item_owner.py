@@ -47,6 +47,7 @@ from kafka.structs import OffsetAndMetadata
 
 from streaming.consumer import subscribe
 from streaming.item_rows import MODEL_HEADER, decode_gradient, item_of_key, partition_of
+from streaming.metrics import OwnerMetrics
 from streaming.settings import KafkaSettings
 from streaming.state import StateStore
 from streaming.tables import EmbeddingTable, TableSettings
@@ -90,9 +91,12 @@ class OwnerStats:
 class ItemOwner:
     """One member of the item-owner group over ``kafka``'s ``item-grads`` (module docstring)."""
 
-    def __init__(self, kafka: KafkaSettings, settings: OwnerSettings, version: ModelVersion) -> None:
+    def __init__(
+        self, kafka: KafkaSettings, settings: OwnerSettings, version: ModelVersion, metrics: OwnerMetrics | None = None
+    ) -> None:
         self.kafka = kafka
         self.settings = settings
+        self.metrics = metrics or OwnerMetrics()
         self.model_version = version.version_id
         self._base = version.model.item_tower.id_table.weight.detach().numpy().copy()
         self._index = {token: k for k, token in enumerate(version.encoder.item_vocab.tokens, start=1)}
@@ -143,6 +147,7 @@ class ItemOwner:
 
     def _restore(self) -> None:
         """A fresh table holding exactly what ``item-rows`` has committed for the owned partitions."""
+        start = time.perf_counter()
         if self._store is not None:
             self._store.close()
         self._generation += 1
@@ -175,6 +180,10 @@ class ItemOwner:
         self.table = EmbeddingTable("item", self._base, self._index, self.settings.table, self._store)
         self.stats.restores += 1
         self.stats.restored_records += records
+        self.metrics.restore_seconds.set(time.perf_counter() - start)
+        self.metrics.partitions.set(len(self.owned))
+        self.metrics.rows.set(len(self.table))
+        self.metrics.lag.clear()
         logger.info("owning item partitions %s: %d rows restored", sorted(self.owned), len(self.table))
 
     # ------------------------------------------------------------------ one step
@@ -185,9 +194,11 @@ class ItemOwner:
             self._moved = False
             self._restore()
         if not batches:
+            self.metrics.progress.set(time.time())
             return 0
         assert self.table is not None and self._store is not None
         applied = 0
+        start = time.perf_counter()
         self.producer.begin_transaction()
         try:
             for tp in sorted(batches, key=lambda t: t.partition):
@@ -214,6 +225,15 @@ class ItemOwner:
         self._store.checkpoint({}, {"generation": self._generation})
         self.stats.gradients += applied
         self.stats.rows_sent += len(staged)
+        self.metrics.steps.inc()
+        self.metrics.step_seconds.observe(time.perf_counter() - start)
+        self.metrics.gradients.labels("applied").inc(applied)
+        self.metrics.rows.set(len(self.table))
+        self.metrics.progress.set(time.time())
+        for tp, records in batches.items():
+            end = self.consumer.highwater(tp)
+            if end is not None:
+                self.metrics.lag.labels(str(tp.partition)).set(max(0, end - records[-1].offset - 1))
         return applied
 
     def _apply(self, record) -> int:
@@ -225,6 +245,7 @@ class ItemOwner:
             gradient = decode_gradient(record.key.decode(), record.value)
         except (ValueError, UnicodeDecodeError, AttributeError) as exc:
             self.stats.dropped += 1
+            self.metrics.gradients.labels("dropped").inc()
             logger.warning("gradient %s[%d]@%d dropped: %s", record.topic, record.partition, record.offset, exc)
             return 0
         self._newest_ms = max(self._newest_ms, gradient.ts_ms)
@@ -233,6 +254,7 @@ class ItemOwner:
         if gradient.grad is not None:
             if gradient.grad.shape[0] != self.table.dim:
                 self.stats.dropped += 1
+                self.metrics.gradients.labels("dropped").inc()
                 logger.warning(
                     "gradient of %r: dim %d, rows %d; dropped", gradient.item_id, gradient.grad.shape[0], self.table.dim
                 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-__all__ = ["WorkerMetrics"]
+__all__ = ["OwnerMetrics", "WorkerMetrics"]
 
 
 class WorkerMetrics:
@@ -73,3 +73,37 @@ class WorkerMetrics:
         self.model.info({"version": version_id})
         self.model_cutoff.set(data_cutoff_ms / 1000)
         self.model_created.set(created_ms / 1000)
+
+
+class OwnerMetrics:
+    """An item owner's metrics (:mod:`streaming.item_owner`), on their own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.gradients = Counter(
+            "freshtower_item_owner_gradients_total",
+            "Gradient records read: applied, or dropped (another model version, unreadable)",
+            ["outcome"],
+            registry=r,
+        )
+        self.steps = Counter("freshtower_item_owner_steps_total", "Transactions committed", registry=r)
+        self.step_seconds = Histogram(
+            "freshtower_item_owner_step_seconds",
+            "Time of one step: apply, send the rows, commit the transaction",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+            registry=r,
+        )
+        self.rows = Gauge("freshtower_item_owner_rows", "Item rows held for the owned partitions", registry=r)
+        self.partitions = Gauge("freshtower_item_owner_partitions", "item-grads partitions owned", registry=r)
+        self.restore_seconds = Gauge(
+            "freshtower_item_owner_restore_seconds", "Time the last restore from item-rows took", registry=r
+        )
+        self.lag = Gauge(
+            "freshtower_item_owner_lag", "Gradient records behind the partition's end", ["partition"], registry=r
+        )
+        self.progress = Gauge(
+            "freshtower_item_owner_progress_timestamp_seconds",
+            "Wall-clock time the owner last committed a step or found nothing to apply",
+            registry=r,
+        )

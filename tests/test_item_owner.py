@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
@@ -30,6 +31,7 @@ from streaming.settings import KafkaSettings
 from streaming.state import StateStore
 from streaming.tables import EmbeddingTable, TableSettings
 from streaming.topics import ITEM_PATH_TOPICS, ensure_topics
+from tests.conftest import free_port
 from tests.worker_fixtures import register_model, split_world, wait_for
 from trainer.artifact import load_version
 
@@ -126,6 +128,10 @@ def test_owner_applies_row_wise_adagrad_worked_by_hand(kafka_settings: KafkaSett
             assert time.monotonic() < deadline, owner.stats
             applied += owner.step(timeout_ms=500)
         assert (applied, owner.stats.dropped) == (4, 1)
+        sample = owner.metrics.registry.get_sample_value
+        assert sample("freshtower_item_owner_gradients_total", {"outcome": "applied"}) == 4
+        assert sample("freshtower_item_owner_gradients_total", {"outcome": "dropped"}) == 1
+        assert sample("freshtower_item_owner_partitions") == 4 and sample("freshtower_item_owner_rows") == 2
     finally:
         owner.close()
     # Row-wise Adagrad from an accumulator of 0.1: G += mean(g^2); w -= 0.05 * g / sqrt(G).
@@ -169,12 +175,12 @@ def _reference(version, gradients: list[Gradient], partitions: int, tmp_path: Pa
     return rows
 
 
-def _owner(settings: KafkaSettings, models: Path, tmp_path: Path, name: str, life: int) -> subprocess.Popen:
+def _owner(settings: KafkaSettings, models: Path, tmp_path: Path, name: str, life: int, port: int) -> subprocess.Popen:
     command = [
         sys.executable, "-m", "streaming", "item-owner", "--bootstrap", settings.bootstrap_servers,
         "--topic-prefix", settings.topic_prefix, "--models", str(models), "--state-dir", str(tmp_path / name),
         "--instance-id", name, "--session-timeout-ms", "6000", "--transaction-timeout-ms", "8000",
-        "--exit-when-idle", "10",
+        "--metrics-port", str(port),
     ]  # fmt: skip
     log = open(tmp_path / f"{name}-{life}.log", "w")  # noqa: SIM115 (closed with the process)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -212,10 +218,11 @@ def test_two_owners_sigkill_and_scaling_apply_every_gradient_exactly_once(
     gradients = _gradients(items, 12_000, seed=4)
     expected = _reference(version, gradients, kafka_settings.partitions, tmp_path)
     lives = {"a": 0, "b": 0}
+    ports = {"a": free_port(), "b": free_port()}
 
     def start(name: str) -> subprocess.Popen:
         lives[name] += 1
-        return _owner(kafka_settings, models, tmp_path, name, lives[name])
+        return _owner(kafka_settings, models, tmp_path, name, lives[name], ports[name])
 
     def owns(name: str, count: int) -> bool:
         return _owns(tmp_path, name, lives[name], count)
@@ -245,14 +252,19 @@ def test_two_owners_sigkill_and_scaling_apply_every_gradient_exactly_once(
         b.wait(10)
         b = start("b")
         producer.join(120)
-        assert a.wait(120) == 0 and b.wait(120) == 0
+        wait_for(lambda: _progress(kafka_settings) == len(gradients), 120, "every gradient applied")
+        scraped = {name: httpx.get(f"http://127.0.0.1:{ports[name]}/metrics").text for name in ports}
+        for p in (a, b):
+            p.send_signal(signal.SIGTERM)
+        assert a.wait(15) == 0 and b.wait(15) == 0  # SIGTERM: the step in hand is committed, then a clean exit
     finally:
         for p in (a, b):
             if p.poll() is None:
                 p.kill()
         if producer.is_alive():
             producer.join(60)
-    assert _progress(kafka_settings) == len(gradients)
+    for text in scraped.values():
+        assert "freshtower_item_owner_partitions 2.0" in text, text
     mirror, _ = _committed_rows(kafka_settings)
     assert mirror.ids() == sorted(expected)
     for item_id, row in expected.items():
