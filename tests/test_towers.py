@@ -20,7 +20,7 @@ from trainer.features import (
 )
 from trainer.history import ClickHistory
 from trainer.model import ModelConfig, TwoTowerModel
-from trainer.towers import Tower, masked_mean
+from trainer.towers import Tower, masked_mean, recency_pool
 
 CONFIG = ModelConfig(dim=8, id_dim=4, embedding_dim=3, hidden=(16,), seed=1)
 
@@ -59,6 +59,38 @@ def test_masked_mean_by_hand() -> None:
     mask = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])
     # Row 0: mean of (1,2),(3,4) = (2,3); row 1: (5,6); row 2: no value -> zeros.
     assert masked_mean(emb, mask).tolist() == [[2.0, 3.0], [5.0, 6.0], [0.0, 0.0]]
+
+
+def test_recency_pool_by_hand() -> None:
+    emb = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [9.0, 9.0]], [[2.0, 2.0], [0.0, 0.0], [0.0, 0.0]], [[7.0, 7.0]] * 3])
+    mask = torch.tensor([[True, True, False], [True, False, False], [False, False, False]])
+    # Age 0 (the newest click) has logit log 3, age 1 logit 0: row 0's newest click (0,1) weighs 3/4, its older
+    # one (1,0) 1/4; row 1 has one click (weight 1); row 2 none (zeros). Zero logits are the plain mean.
+    logits = torch.tensor([math.log(3.0), 0.0, 0.0])
+    assert torch.allclose(recency_pool(emb, mask, logits), torch.tensor([[0.25, 0.75], [2.0, 2.0], [0.0, 0.0]]))
+    assert torch.equal(recency_pool(emb, mask, torch.zeros(3)), masked_mean(emb, mask))
+    # Ages past the last logit share it: with 2 logits, ages 1 and 2 of a 3-click row both take logits[1].
+    three = torch.tensor([[[1.0], [2.0], [3.0]]])
+    pooled = recency_pool(three, torch.ones(1, 3, dtype=torch.bool), torch.tensor([math.log(2.0), 0.0]))
+    assert torch.allclose(pooled, torch.tensor([[(1.0 + 2.0 + 2 * 3.0) / 4]]))
+
+
+def test_recency_pooling_starts_as_the_mean_and_learns_per_age_weights() -> None:
+    ds = world()
+    encoder = FeatureEncoder.fit(ds, last_n=CONFIG.last_n)
+    mean = TwoTowerModel(encoder, CONFIG)
+    recency = TwoTowerModel(encoder, ModelConfig(**{**CONFIG.to_dict(), "last_n_pooling": "recency"}))
+    users, _ = batches(encoder, ds)
+    with torch.no_grad():
+        # Zero logits: the same model (up to rounding: softmax weights against a division by the count).
+        assert torch.allclose(mean.user_vectors(users), recency.user_vectors(users), atol=1e-6)
+    extra = {n for n, _ in recency.named_parameters()} - {n for n, _ in mean.named_parameters()}
+    assert extra == {"user_tower.recency.last_n"}
+    assert any(p is recency.user_tower.recency["last_n"] for p in recency.dense_parameters())
+    recency.user_vectors(users).sum().backward()
+    assert recency.user_tower.recency["last_n"].grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="last_n_pooling"):
+        ModelConfig(last_n_pooling="attention")
 
 
 def test_multi_valued_mean_pooling_against_a_hand_computation() -> None:

@@ -160,10 +160,14 @@ def _two_tower_factories(config: EvalConfig) -> dict[str, Callable[[], Recommend
     base = TrainConfig(seed=config.seed)
 
     def make(
-        name: str, train_config: TrainConfig, serving_prior: float = 0.0, half_life: float | None = None
+        name: str,
+        train_config: TrainConfig,
+        serving_prior: float = 0.0,
+        half_life: float | None = None,
+        model: ModelConfig = model_config,
     ) -> Callable[[], Recommender]:
         return lambda: TwoTowerRetriever(
-            model_config,
+            model,
             train_config,
             epochs=epochs,
             name=name,
@@ -174,6 +178,10 @@ def _two_tower_factories(config: EvalConfig) -> dict[str, Callable[[], Recommend
     out = {"two_tower": make("two_tower", base)}
     if config.serving_prior > 0:
         out["two_tower+prior"] = make("two_tower+prior", base, config.serving_prior, config.prior_half_life_days)
+    # Model variants: each changes one thing of the model; run with --ablations or named in --models.
+    recency = dataclasses.replace(model_config, last_n_pooling="recency")
+    model_variants = {"two_tower[last_n=recency]": make("two_tower[last_n=recency]", base, model=recency)}
+    out.update({name: factory for name, factory in model_variants.items() if config.ablations or name in config.models})
     if config.ablations:
         # The default is listwise, logQ on, SSL on, in-batch negatives only; each variant changes one thing.
         easy = max(base.easy_negatives, base.batch_size)
@@ -206,6 +214,11 @@ def build_models(config: EvalConfig) -> dict[str, Callable[[], Recommender]]:
     for name in config.models:
         if name == "two_tower":
             out.update(_two_tower_factories(config))
+        elif name.startswith("two_tower["):
+            variants = _two_tower_factories(dataclasses.replace(config, ablations=True))
+            if name not in variants:
+                raise ValueError(f"unknown two-tower variant {name!r}; expected one of {sorted(variants)}")
+            out[name] = variants[name]
         elif name in peers:
             out[name] = peers[name]
         else:

@@ -46,6 +46,8 @@ class ModelConfig:
     last_n: int = 20
     init_std: float = 0.05
     seed: int = 0
+    # How the user tower pools the last-N list: "mean", or "recency" (learnt per-age weights, trainer.towers).
+    last_n_pooling: str = "mean"
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.id_dim < 1 or self.embedding_dim < 1:
@@ -54,6 +56,8 @@ class ModelConfig:
             )
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.last_n_pooling not in ("mean", "recency"):
+            raise ValueError(f"last_n_pooling must be 'mean' or 'recency', got {self.last_n_pooling!r}")
         if any(h < 1 for h in self.hidden):
             raise ValueError(f"hidden layer widths must be >= 1, got {self.hidden}")
 
@@ -84,7 +88,9 @@ class TwoTowerModel(nn.Module):
             "init_std": config.init_std,
             "generator": generator,
         }
-        self.user_tower = Tower(encoder.user_features, encoder.table_sizes("user"), **common)
+        self.user_tower = Tower(
+            encoder.user_features, encoder.table_sizes("user"), list_pooling=config.last_n_pooling, **common
+        )
         self.item_tower = Tower(encoder.item_features, encoder.table_sizes("item"), **common)
 
     def user_vectors(self, batch: UserBatch) -> Tensor:

@@ -31,7 +31,9 @@ from trainer.features import (
     MultiValuedFeature,
 )
 
-__all__ = ["Tower", "masked_mean"]
+__all__ = ["LIST_POOLINGS", "Tower", "masked_mean", "recency_pool"]
+
+LIST_POOLINGS = ("mean", "recency")
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +43,20 @@ def masked_mean(embedded: Tensor, mask: Tensor) -> Tensor:
     weights = mask.to(embedded.dtype).unsqueeze(-1)  # [B, L, 1]
     count = weights.sum(dim=1).clamp_min(1.0)  # [B, 1]
     return (embedded * weights).sum(dim=1) / count
+
+
+def recency_pool(embedded: Tensor, mask: Tensor, logits: Tensor) -> Tensor:
+    """A weighted mean by recency: embedded ``[B, L, e]`` (oldest first, left-aligned), mask ``[B, L]`` bool,
+    ``logits`` ``[n]`` one per age (0 = the most recent click, ages past ``n - 1`` share the last) -> ``[B, e]``.
+
+    Each row's weights are the softmax of its valid positions' logits, so zero logits give the plain mean, and a
+    logit ``log 3`` above the rest makes the newest of two clicks weigh 3/4; 0 for empty rows."""
+    lengths = mask.sum(dim=1, keepdim=True)  # [B, 1]
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)  # [1, L]
+    ages = (lengths - 1 - positions).clamp(min=0, max=logits.shape[0] - 1)  # [B, L]
+    scores = logits[ages].masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=1).nan_to_num(0.0) * mask  # an empty row: all -inf, NaN -> 0
+    return (embedded * weights.unsqueeze(-1)).sum(dim=1)
 
 
 def _module_key(name: str, used: set[str]) -> str:
@@ -72,11 +88,17 @@ class Tower(nn.Module):
         hidden: Sequence[int],
         init_std: float = 0.05,
         generator: torch.Generator | None = None,
+        list_pooling: str = "mean",
     ) -> None:
         super().__init__()
+        if list_pooling not in LIST_POOLINGS:
+            raise ValueError(f"list_pooling must be one of {LIST_POOLINGS}, got {list_pooling!r}")
         self.features = tuple(features)
         self.dim = dim
         self.embeddings = nn.ModuleDict()
+        # "recency": each last-N list is pooled by a softmax over learnt per-age logits (recency_pool), starting
+        # from zeros (the plain mean); dense parameters, trained nightly and frozen online like the MLP.
+        self.recency = nn.ParameterDict()
         self._keys: dict[str, str] = {}
         used: set[str] = set()
         width = 0
@@ -89,6 +111,8 @@ class Tower(nn.Module):
                 nn.init.normal_(table.weight, 0.0, init_std, generator=generator)
                 self.embeddings[key] = table
                 width += columns
+                if list_pooling == "recency" and isinstance(spec, LastNFeature):
+                    self.recency[key] = nn.Parameter(torch.zeros(spec.n))
             elif isinstance(spec, DiscreteFeature):
                 width += int(spec.one_hot or 0)
             else:
@@ -152,7 +176,11 @@ class Tower(nn.Module):
                     parts.append(id_rows)
                 elif isinstance(spec, MultiValuedFeature | LastNFeature):
                     values, mask = batch.lists[spec.name], batch.masks[spec.name]  # [B, L]
-                    parts.append(masked_mean(self.table(spec.name)(values), mask))
+                    key = self._keys[spec.name]
+                    if key in self.recency:
+                        parts.append(recency_pool(self.table(spec.name)(values), mask, self.recency[key]))
+                    else:
+                        parts.append(masked_mean(self.table(spec.name)(values), mask))
                 elif isinstance(spec, ContinuousFeature) and spec.transform != "bucket":
                     parts.append(batch.values[spec.name].to(torch.float32).unsqueeze(1))  # [B, 1]
                 elif isinstance(spec, DiscreteFeature) and spec.one_hot:
