@@ -117,6 +117,10 @@ class ItemOwner:
         self.partitions = len(self._rows.partitions_for_topic(self.rows_topic) or ())
         if not self.partitions:
             raise RuntimeError(f"topic {self.rows_topic} does not exist: create the item-path topics first")
+        grads = len(self._rows.partitions_for_topic(self.grads_topic) or ())
+        if grads != self.partitions:
+            # Partition p of item-rows is the changelog of partition p of item-grads: the counts must match.
+            raise RuntimeError(f"{self.grads_topic} has {grads} partitions and {self.rows_topic} {self.partitions}")
         self.producer = KafkaProducer(
             **kafka.producer_config(),
             client_id="freshtower-item-owner",

@@ -15,7 +15,7 @@ import httpx
 import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.admin import KafkaAdminClient
+from kafka.admin import KafkaAdminClient, NewTopic
 
 from streaming.item_owner import ItemOwner, OwnerSettings
 from streaming.item_rows import (
@@ -269,3 +269,17 @@ def test_two_owners_sigkill_and_scaling_apply_every_gradient_exactly_once(
     assert mirror.ids() == sorted(expected)
     for item_id, row in expected.items():
         assert np.array_equal(mirror.row(item_id), row), item_id
+
+
+@pytest.mark.kafka
+def test_owner_refuses_topics_whose_partition_counts_differ(kafka_settings: KafkaSettings, model, tmp_path) -> None:
+    _, version = model
+    admin = KafkaAdminClient(**kafka_settings.client_config())
+    try:
+        admin.create_topics(
+            [NewTopic(kafka_settings.topic("item-grads"), 2, 1), NewTopic(kafka_settings.topic("item-rows"), 4, 1)]
+        )
+    finally:
+        admin.close()
+    with pytest.raises(RuntimeError, match="has 2 partitions and .* 4"):
+        ItemOwner(kafka_settings, OwnerSettings(state_dir=tmp_path / "owner"), version)
