@@ -46,7 +46,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streaming.consumer import subscribe
-from streaming.item_rows import MODEL_HEADER, decode_gradient, item_of_key, partition_of
+from streaming.item_rows import MODEL_HEADER, apply_gradient, decode_gradient, item_of_key, partition_of
 from streaming.metrics import OwnerMetrics
 from streaming.settings import KafkaSettings
 from streaming.state import StateStore
@@ -247,24 +247,13 @@ class ItemOwner:
             if version != self.model_version:
                 raise ValueError(f"model version {version!r}, owner at {self.model_version!r}")
             gradient = decode_gradient(record.key.decode(), record.value)
+            apply_gradient(self.table, gradient)  # checks the dim before it changes anything
         except (ValueError, UnicodeDecodeError, AttributeError) as exc:
             self.stats.dropped += 1
             self.metrics.gradients.labels("dropped").inc()
             logger.warning("gradient %s[%d]@%d dropped: %s", record.topic, record.partition, record.offset, exc)
             return 0
         self._newest_ms = max(self._newest_ms, gradient.ts_ms)
-        if gradient.uses:
-            self.table.observe([gradient.item_id] * gradient.uses, gradient.ts_ms)
-        if gradient.grad is not None:
-            if gradient.grad.shape[0] != self.table.dim:
-                self.stats.dropped += 1
-                self.metrics.gradients.labels("dropped").inc()
-                logger.warning(
-                    "gradient of %r: dim %d, rows %d; dropped", gradient.item_id, gradient.grad.shape[0], self.table.dim
-                )
-                return 0
-            _, slots = self.table.gather([gradient.item_id])
-            self.table.apply_gradients(slots, gradient.grad[None, :].astype(np.float32))
         return 1
 
     def _abort(self) -> None:

@@ -26,12 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 from kafka.partitioner.default import murmur2
 
-from streaming.tables import ROW_HEADER
+from streaming.tables import ROW_HEADER, EmbeddingTable
 
 __all__ = [
     "ROW_PREFIX",
     "Gradient",
     "RowsMirror",
+    "apply_gradient",
     "decode_gradient",
     "encode_gradient",
     "item_of_key",
@@ -42,7 +43,7 @@ ROW_PREFIX = b"t:item:"
 PENDING_PREFIX = b"p:item:"
 MODEL_HEADER = "model"  # record header: the model version a gradient was computed under / a row belongs to
 
-_GRAD = struct.Struct("<Bqii")  # format, ts_ms, uses, dim; then dim float32
+_GRAD = struct.Struct("<Bqii")  # format, ts_ms, uses, dim; then dim float64
 _FORMAT = 1
 
 
@@ -65,7 +66,8 @@ class Gradient:
 
     ``uses``: clicks of the batch on the item (admission counts them); ``ts_ms``: the latest of their event times;
     ``grad``: ``[d]`` the summed gradient of the loss with respect to the row, or None when the batch only
-    observed the item (a step that was skipped, or an id not admitted yet)."""
+    observed the item (a step that was skipped). The sum travels in float64, as the single worker sums before
+    its Adagrad step, so the owner's step is the single worker's bit for bit."""
 
     item_id: str
     ts_ms: int
@@ -74,7 +76,7 @@ class Gradient:
 
 
 def encode_gradient(g: Gradient) -> bytes:
-    vector = b"" if g.grad is None else np.ascontiguousarray(g.grad, dtype=np.float32).tobytes()
+    vector = b"" if g.grad is None else np.ascontiguousarray(g.grad, dtype="<f8").tobytes()
     dim = -1 if g.grad is None else int(g.grad.shape[0])
     return _GRAD.pack(_FORMAT, g.ts_ms, g.uses, dim) + vector
 
@@ -88,12 +90,24 @@ def decode_gradient(item_id: str, value: bytes) -> Gradient:
         raise ValueError(f"gradient record format {fmt}; this version reads {_FORMAT}")
     if dim < 0:
         return Gradient(item_id, ts_ms, uses, None)
-    if len(value) != _GRAD.size + 4 * dim:
+    if len(value) != _GRAD.size + 8 * dim:
         raise ValueError(f"gradient record of dim {dim} has {len(value) - _GRAD.size} vector bytes")
-    grad = np.frombuffer(value, dtype=np.float32, offset=_GRAD.size).copy()
+    grad = np.frombuffer(value, dtype="<f8", offset=_GRAD.size).astype(np.float64)
     if not np.isfinite(grad).all():
         raise ValueError("gradient record holds a value that is not finite")
     return Gradient(item_id, ts_ms, uses, grad)
+
+
+def apply_gradient(table: EmbeddingTable, gradient: Gradient) -> None:
+    """The owner's step for one record: count the uses (admission), then row-wise Adagrad on the summed gradient
+    when the row exists. Raises ValueError on a gradient of another dim than the table's."""
+    if gradient.grad is not None and gradient.grad.shape[0] != table.dim:
+        raise ValueError(f"gradient of {gradient.item_id!r} has dim {gradient.grad.shape[0]}, rows {table.dim}")
+    if gradient.uses:
+        table.observe([gradient.item_id] * gradient.uses, gradient.ts_ms)
+    if gradient.grad is not None:
+        _, slots = table.gather([gradient.item_id])
+        table.apply_gradients(slots, gradient.grad[None, :])
 
 
 class RowsMirror:

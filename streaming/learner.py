@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from streaming.examples import Example, ExampleBuilder
+from streaming.item_rows import Gradient
 from streaming.state import StateStore
 from streaming.tables import EmbeddingTable, TableSettings
 from trainer.features import FeatureEncoder
@@ -64,8 +65,13 @@ class LearnerSettings:
     min_negatives: int = 64
     user_table: TableSettings = field(default_factory=TableSettings)
     item_table: TableSettings = field(default_factory=TableSettings)
+    # "local": the learner trains its item rows itself (one worker). "owner": it sends each batch's item gradients
+    # to the items' owners (outbox, streaming.item_rows) and its item table mirrors the rows they publish.
+    item_rows: str = "local"
 
     def __post_init__(self) -> None:
+        if self.item_rows not in ("local", "owner"):
+            raise ValueError(f"item_rows must be 'local' or 'owner', got {self.item_rows!r}")
         if self.batch_size < 2:
             raise ValueError(f"batch_size must be >= 2 for in-batch negatives, got {self.batch_size}")
         if not (math.isfinite(self.logq_weight) and self.logq_weight >= 0):
@@ -100,6 +106,8 @@ class IncrementalLearner:
             "item", model.item_tower.id_table.weight, encoder.item_vocab.tokens, settings.item_table
         )
         self.frequency = load_frequency(state, settings)
+        # item_rows = "owner": each batch's item gradients, for the caller to send to item-grads (streaming.item_rows).
+        self.outbox: list[Gradient] = []
         self.batches = int(state.meta().get("batches", 0))
         self.examples = int(state.meta().get("examples", 0))
         self.skipped = 0  # steps skipped for a non-finite loss since this process started
@@ -120,9 +128,11 @@ class IncrementalLearner:
             return 0.0
         user_ids = [e.user_id for e in examples]
         item_ids = [e.item_id for e in examples]
+        owned_elsewhere = self.settings.item_rows == "owner"
         for e in examples:
             self.users.observe([e.user_id], e.ts_ms)
-            self.items.observe([e.item_id], e.ts_ms)
+            if not owned_elsewhere:  # else the owner counts the uses (admission) from the gradients
+                self.items.observe([e.item_id], e.ts_ms)
         live = [e.item_id for e in examples if not e.replay]  # a replayed click was counted when it first came
         if live:
             _count(state=self._state, frequency=self.frequency, item_ids=live)
@@ -158,13 +168,36 @@ class IncrementalLearner:
             logger.warning(
                 "skipped an SGD step: the loss is %s (%d clicks, items %s...)", value, len(examples), item_ids[:5]
             )
+            if owned_elsewhere:
+                self._send_gradients(examples, None)
             return value
         loss.backward()
         self.users.apply_gradients(user_slots, user_leaf.grad.numpy())
-        self.items.apply_gradients(item_slots, item_leaf.grad.numpy())
+        if owned_elsewhere:
+            self._send_gradients(examples, item_leaf.grad.numpy())
+        else:
+            self.items.apply_gradients(item_slots, item_leaf.grad.numpy())
         self.batches += 1
         self.examples += len(examples)
         return float(loss.detach())
+
+    def _send_gradients(self, examples: list[Example], grads: np.ndarray | None) -> None:
+        """One :class:`Gradient` per item of the batch, by id: its uses, their latest time and the summed gradient
+        of its row (float64, summed in batch order as :meth:`EmbeddingTable.apply_gradients` sums), or None when the
+        step was skipped. The owner then makes the step this learner would have made (an item it has not admitted
+        gets no step, as here)."""
+        ids = [e.item_id for e in examples]
+        unique, inverse = np.unique(np.asarray(ids), return_inverse=True)
+        uses = np.bincount(inverse, minlength=len(unique))
+        latest = np.full(len(unique), np.iinfo(np.int64).min, dtype=np.int64)
+        np.maximum.at(latest, inverse, np.fromiter((e.ts_ms for e in examples), dtype=np.int64, count=len(examples)))
+        summed = None
+        if grads is not None:
+            summed = np.zeros((len(unique), grads.shape[1]), dtype=np.float64)
+            np.add.at(summed, inverse, grads)
+        for k, item_id in enumerate(unique.tolist()):
+            grad = None if summed is None else summed[k]
+            self.outbox.append(Gradient(item_id, int(latest[k]), int(uses[k]), grad))
 
     def _easy_negatives(self, item_ids: list[str]) -> dict[str, torch.Tensor]:
         """``extra``, ``extra_log_q`` and ``extra_ids`` for :func:`listwise_loss` when a partial batch (fewer clicks

@@ -154,6 +154,29 @@ class EmbeddingTable:
         self._dirty.update(ids)
         self.changed.update(ids)
 
+    def put_row(self, ident: str, header_and_vector: bytes) -> None:
+        """Take a row as another process made it (``ROW_HEADER`` + float32 vector, the record :meth:`flush`
+        writes): the mirror of the item owners' rows (:mod:`streaming.item_rows`) in a worker that does not train
+        item rows itself."""
+        last_seen, updates, accum = ROW_HEADER.unpack_from(header_and_vector)
+        vector = np.frombuffer(header_and_vector, dtype=np.float32, offset=ROW_HEADER.size)
+        if vector.shape[0] != self.dim:
+            raise ValueError(f"row of {ident!r} has dim {vector.shape[0]}, table {self.name} {self.dim}")
+        slot = self._slot.get(ident)
+        if slot is None:
+            slot = self._allocate(ident)
+            self.peak_rows = max(self.peak_rows, len(self._slot))
+        self._vectors[slot] = vector
+        self._accum[slot], self._last_seen[slot], self._updates[slot] = accum, last_seen, updates
+        self._deleted.discard(ident)
+        self._dirty.add(ident)
+        self.changed.add(ident)
+
+    def drop_row(self, ident: str) -> None:
+        """Remove a mirrored row (the owner expired or evicted it); unknown ids are ignored."""
+        if ident in self._slot:
+            self._remove(ident)
+
     def expire(self, now_ms: int) -> int:
         """Drop rows idle for longer than ``idle_ms`` of event time, and pending ids likewise; returns rows dropped."""
         cutoff = now_ms - self.settings.idle_ms

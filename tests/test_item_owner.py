@@ -92,7 +92,7 @@ def test_gradient_codec_round_trips_and_refuses_what_it_cannot_read() -> None:
     with pytest.raises(ValueError, match="shorter"):
         decode_gradient("i7", b"\x01")
     with pytest.raises(ValueError, match="vector bytes"):
-        decode_gradient("i7", encode_gradient(g)[:-4])
+        decode_gradient("i7", encode_gradient(g)[:-8])
     with pytest.raises(ValueError, match="not finite"):
         decode_gradient("i7", encode_gradient(Gradient("i7", 1, 1, np.array([np.nan], dtype=np.float32))))
     assert partition_of("i7", 4) == partition_of("i7", 4) and {partition_of(f"i{k}", 4) for k in range(50)} == {

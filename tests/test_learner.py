@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -9,9 +10,11 @@ import numpy as np
 import torch
 
 from streaming.examples import ExampleBuilder, ExampleSettings
+from streaming.item_rows import ROW_PREFIX, apply_gradient
 from streaming.learner import IncrementalLearner, LearnerSettings
 from streaming.sources.synthetic import WorldConfig
 from streaming.state import StateStore
+from streaming.tables import EmbeddingTable, TableSettings
 from tests.worker_fixtures import split_world
 from trainer.dataset import Dataset
 from trainer.features import FeatureEncoder
@@ -56,13 +59,15 @@ def test_a_non_finite_loss_moves_no_row(tmp_path: Path) -> None:
     assert (learner.batches, learner.examples, learner.skipped) == (1, 8, 1)
 
 
-def _learner(tmp_path: Path, name: str, min_negatives: int) -> tuple[IncrementalLearner, list]:
+def _learner(
+    tmp_path: Path, name: str, min_negatives: int, item_rows: str = "local"
+) -> tuple[IncrementalLearner, list]:
     _, day_one, day_two = split_world(WORLD)
     encoder = FeatureEncoder.fit(Dataset.from_events(day_one))
     model = TwoTowerModel(encoder, ModelConfig(dim=8, id_dim=8, embedding_dim=4, hidden=(16,)))
     state = StateStore(tmp_path / name, sync=False)
     builder = ExampleBuilder(ExampleSettings(last_n=5), state)
-    settings = LearnerSettings(batch_size=8, min_negatives=min_negatives)
+    settings = LearnerSettings(batch_size=8, min_negatives=min_negatives, item_rows=item_rows)
     learner = IncrementalLearner(model, encoder, builder, settings, state)
     examples = [x for x in (builder.add(e) for e in day_two) if x is not None]
     return learner, examples
@@ -90,3 +95,38 @@ def test_a_lone_click_moves_its_user_row_through_easy_negatives(tmp_path: Path) 
     again, examples = _learner(tmp_path, "again", min_negatives=64)
     again.learn_batch([examples[-1]])
     np.testing.assert_array_equal(again.users.row(click.user_id), lone.users.row(click.user_id))
+
+
+def test_item_rows_owned_elsewhere_make_the_single_learners_rows_bit_for_bit(tmp_path: Path) -> None:
+    """item_rows = "owner": the learner sends each batch's item gradients instead of stepping its item rows. An
+    owner applying them (streaming.item_rows.apply_gradient) to a table the learner mirrors makes, batch after
+    batch, exactly the rows a learner that trains its item rows itself makes; the user rows are the same too."""
+    local, examples = _learner(tmp_path, "local", min_negatives=64)
+    remote, _ = _learner(tmp_path, "remote", min_negatives=64, item_rows="owner")
+    owner_state = StateStore(tmp_path / "owner", sync=False)
+    owner = EmbeddingTable("item", remote.items._base, remote.items._index, TableSettings(), owner_state)
+    admitted_later = 0
+    # Two clicks on an id nobody has seen, in one batch: admitted at its second use (min_count 2), then trained.
+    twice = [dataclasses.replace(x, item_id="brand-new") for x in examples[96:98]]
+    batches = [examples[k : k + 8] for k in range(0, 88, 8)] + [twice + examples[98:104], examples[104:105]]
+    for batch in batches:  # the last one a lone click (easy negatives)
+        local.learn_batch(batch)
+        remote.learn_batch(batch)
+        assert len(remote.outbox) == len({x.item_id for x in batch})
+        for gradient in remote.outbox:
+            admitted_later += gradient.item_id not in owner and gradient.item_id not in remote.items._index
+            apply_gradient(owner, gradient)
+        remote.outbox.clear()
+        owner.flush()
+        for key, value in owner_state.staged().items():  # what the owner sends to item-rows, mirrored
+            if key.startswith(ROW_PREFIX):
+                ident = key[len(ROW_PREFIX) :].decode()
+                remote.items.put_row(ident, value) if value is not None else remote.items.drop_row(ident)
+        owner_state.checkpoint({}, {})
+        assert owner.ids() == local.items.ids() == remote.items.ids()
+        for ident in local.items.ids():
+            assert np.array_equal(owner.row(ident), local.items.row(ident)), ident
+            assert np.array_equal(remote.items.row(ident), local.items.row(ident)), ident
+        for user in {x.user_id for x in batch}:
+            assert np.array_equal(remote.users.row(user), local.users.row(user)), user
+    assert admitted_later > 0 and "brand-new" in owner  # ids the model does not know: admission at the owner
