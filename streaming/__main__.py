@@ -156,6 +156,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     version = load_version(registry.path(current))
     ensure_topics(kafka)
+    if settings.item_rows == "owner":
+        from streaming.topics import ITEM_PATH_TOPICS
+
+        ensure_topics(kafka, names=ITEM_PATH_TOPICS)
     worker = Worker(kafka, settings, version, registry=registry)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_addr, registry=worker.metrics.registry)

@@ -284,7 +284,8 @@ class ItemOwner:
         last = time.monotonic()
         try:
             while not stop.is_set():
-                if self.step():
+                restores = self.stats.restores
+                if self.step() or self.stats.restores != restores:  # idle counts from the last gradient or move
                     last = time.monotonic()
                 elif exit_when_idle_s is not None and self.owned and time.monotonic() - last >= exit_when_idle_s:
                     break

@@ -231,6 +231,8 @@ class IncrementalLearner:
         }
 
     def expire(self, now_ms: int) -> int:
+        if self.settings.item_rows == "owner":  # the owners expire item rows; the mirror follows their tombstones
+            return self.users.expire(now_ms)
         return self.users.expire(now_ms) + self.items.expire(now_ms)
 
     # ------------------------------------------------------------------ durability

@@ -24,15 +24,14 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 
 from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
 
 from streaming.consumer import DeadLetterWriter, check_record, subscribe
 from streaming.events import Click, Event, InvalidEvent, Limits
 from streaming.examples import Example, ExampleBuilder
+from streaming.item_path import ItemPath
 from streaming.learner import IncrementalLearner
 from streaming.lifecycle import RetryBudget
 from streaming.merge import TOPIC_RANK, PartitionMerge, Queued, tp_key
@@ -40,6 +39,7 @@ from streaming.metrics import WorkerMetrics
 from streaming.model_switch import ModelSwitch
 from streaming.settings import KafkaSettings
 from streaming.state import StateStore
+from streaming.worker_checkpoint import Checkpoints
 from streaming.worker_settings import WorkerSettings
 from trainer.artifact import ModelVersion
 from trainer.registry import Registry
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 _USER_TOPICS = ("users", "impressions", "clicks")
 
 
-class Worker(ModelSwitch):
+class Worker(ModelSwitch, Checkpoints):
     """One member of the worker group. ``run`` until ``stop`` is set (or the stream stays idle)."""
 
     def __init__(
@@ -119,12 +119,21 @@ class Worker(ModelSwitch):
             group_instance_id=settings.member_id(),
             session_timeout_ms=settings.session_timeout_ms,
             client_id="freshtower-worker",
+            # With item owners the group's offsets are committed in transactions: read committed, its offset
+            # fetches wait for a transaction still being completed (KIP-447 require_stable), as recovery needs.
+            isolation_level="read_committed" if settings.item_rows == "owner" else "read_uncommitted",
             **common,
         )
         subscribe(self._group, [kafka.topic(t) for t in _USER_TOPICS], self._on_assigned, self._on_revoked)
         # The catalogue is global: every worker reads every partition of the items topic, outside the group.
         self._catalogue = KafkaConsumer(group_id=None, client_id="freshtower-worker-items", **common)
         self._dlq = DeadLetterWriter(kafka, settings.group_id, "freshtower-worker-dlq")
+        self.item_path: ItemPath | None = None
+        if settings.item_rows == "owner":  # item rows owned by the item owners (streaming.item_path)
+            self.item_path = ItemPath(
+                kafka, f"{settings.group_id}-{settings.member_id()}", meta.get("rows_positions", {})
+            )
+            self.item_path.recover(meta.get("item_txn"), self._group)
         self._assigned_items = False
         self._update_gauges()
 
@@ -255,6 +264,9 @@ class Worker(ModelSwitch):
             return
         with self.metrics.sgd_seconds.time():
             loss = self.learner.learn_batch(batch)
+        if self.item_path is not None:
+            self.item_path.take(self.model_version, self.learner.outbox)
+            self.learner.outbox.clear()
         if math.isfinite(loss):
             self.metrics.examples.inc(len(batch))
         else:
@@ -262,82 +274,6 @@ class Worker(ModelSwitch):
         if self.learner.batches % self.settings.expire_every_batches == 0:
             self.learner.expire(self.builder.watermark_ms)
             self.builder.expire()
-
-    # ------------------------------------------------------------------ checkpoint
-    def _offsets(self) -> dict[str, int]:
-        return {**self._stored_offsets, **self.merge.offsets()}
-
-    def checkpoint(self) -> None:
-        """Make state, offsets and the unfinished mini-batch durable in one atomic write.
-
-        Dead letters sent so far are confirmed first: the offsets written below move past their records,
-        so a dead letter Kafka has not acknowledged would be lost in a crash. While Kafka is away the
-        checkpoint is postponed; a dead letter Kafka refused for good raises (the records are read and
-        dead-lettered again after the restart)."""
-        if not self._dlq.confirm(timeout_s=5):  # raises the send error of a refused dead letter
-            logger.warning("%d dead letters not acknowledged yet: checkpoint postponed", self._dlq.unconfirmed)
-            return
-        self.merge.resolve_positions()
-        self.learner.flush()
-        self.checkpoints += 1
-        self._log_changes()
-        meta = {
-            "checkpoints": self.checkpoints,
-            "watermark_ms": self.builder.watermark_ms,
-            "model_version": self.model_version,
-            "pending": [asdict(e) for e in self.pending],
-            "builder": asdict(self.builder.stats),
-            "replay_until": self._replay_until,
-            "history_until": self._history_until,
-            "replay_from_ms": self._replay_from_ms,
-            "progress_s": self._progress_s,
-            **self.learner.meta(),
-        }
-        offsets = self._offsets()
-        self.state.checkpoint(offsets, meta)
-        self._stored_offsets = offsets
-        self._last_checkpoint = time.monotonic()
-        self.metrics.checkpoint.set(time.time())
-        self._update_gauges()
-        self._commit_group(offsets)
-
-    def _log_changes(self) -> None:
-        """Record which users and items changed in this checkpoint, for the publisher to pick up."""
-        seq = b"x:%016x:" % self.checkpoints
-        users = self.learner.users.changed | self.builder.changed_users
-        for ident in users:
-            self.state.put(seq + b"u:" + ident.encode(), b"")
-        for ident in self.learner.items.changed | self.builder.changed_items:
-            self.state.put(seq + b"i:" + ident.encode(), b"")
-        self.learner.users.changed.clear()
-        self.learner.items.changed.clear()
-        self.builder.changed_users.clear()
-        self.builder.changed_items.clear()
-        old = self.checkpoints - self.settings.change_log_checkpoints
-        if old > 0:
-            for key, _ in self.state.scan(b"x:%016x:" % old):
-                self.state.delete(key)
-
-    def _commit_group(self, offsets: dict[str, int]) -> None:
-        commit = {
-            tp: OffsetAndMetadata(offsets[tp_key(tp)], "", -1)
-            for tp in self._group.assignment()
-            if tp_key(tp) in offsets
-        }
-        if commit:
-            try:
-                self._group.commit_async(commit)
-            except KafkaError as exc:
-                logger.info("group offset commit skipped: %s", exc)
-
-    def _update_gauges(self) -> None:
-        self.metrics.watermark.set(self.builder.watermark_ms / 1000)
-        self.metrics.rows.labels("user").set(len(self.learner.users))
-        self.metrics.rows.labels("item").set(len(self.learner.items))
-        self.metrics.buffered.set(self.merge.buffered)
-        self.metrics.progress.set(self._progress_s)
-        for tp, lag in self.merge.lag().items():
-            self.metrics.lag.labels(tp.topic, str(tp.partition)).set(lag)
 
     # ------------------------------------------------------------------ loop
     def _log_status(self, every_s: float = 5.0) -> None:
@@ -379,6 +315,8 @@ class Worker(ModelSwitch):
                 fetched = self._fetch(timeout_ms=0 if self.merge.ready() else 50 if self.merge.buffered else 200)
                 if not self._group.assignment():
                     continue  # do not apply the catalogue ahead of user partitions that are not assigned yet
+                if self.item_path is not None:
+                    self.item_path.follow(self.learner.items, self.model_version)
                 released = self._release()
                 if released:
                     self._last_applied = time.monotonic()
@@ -415,6 +353,7 @@ class Worker(ModelSwitch):
             lambda: self._group.close(timeout_ms=2000),  # bounded: a broker that is away cannot hold up a stop
             lambda: self._catalogue.close(timeout_ms=2000),
             self._dlq.close,
+            lambda: self.item_path is not None and self.item_path.close(),
             self.state.close,
         )
         for closer in closers:

@@ -52,6 +52,9 @@ class WorkerSettings:
     # False: keep the features current (last-N lists, catalogue, profiles, counters) and publish the model's own
     # ID rows, without SGD: freshness through features alone (the main job's check of its own harness).
     learn: bool = True
+    # "local": this worker trains its item rows itself (one worker per deployment). "owner": it sends its item
+    # gradients to the item owners and mirrors their rows (streaming.item_path, docs/scale-out.md).
+    item_rows: str = "local"
     change_log_checkpoints: int = 10_000
     metrics_port: int = 9101
     metrics_addr: str = "127.0.0.1"
@@ -93,4 +96,5 @@ class WorkerSettings:
             min_negatives=self.min_negatives,
             user_table=table,
             item_table=table,
+            item_rows=self.item_rows,
         )

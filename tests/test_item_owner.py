@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
 from streaming.item_owner import ItemOwner, OwnerSettings
@@ -32,7 +32,7 @@ from streaming.state import StateStore
 from streaming.tables import EmbeddingTable, TableSettings
 from streaming.topics import ITEM_PATH_TOPICS, ensure_topics
 from tests.conftest import free_port
-from tests.worker_fixtures import register_model, split_world, wait_for
+from tests.worker_fixtures import committed_item_rows, register_model, split_world, wait_for
 from trainer.artifact import load_version
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,29 +58,6 @@ def _send(settings: KafkaSettings, gradients: list[Gradient], version: str = "v1
         )
     producer.flush()
     producer.close()
-
-
-def _committed_rows(settings: KafkaSettings, timeout_s: float = 60.0) -> tuple[RowsMirror, dict[bytes, bytes | None]]:
-    """``item-rows`` as a read-committed reader sees it once no transaction is open: the mirror and the last value
-    of every key."""
-    topic = settings.topic("item-rows")
-    hw_reader = KafkaConsumer(group_id=None, **settings.client_config())
-    reader = KafkaConsumer(group_id=None, isolation_level="read_committed", **settings.client_config())
-    tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic))]
-    reader.assign(tps)
-    reader.seek_to_beginning(*tps)
-    end = hw_reader.end_offsets(tps)
-    mirror, last = RowsMirror("v1"), {}
-    deadline = time.monotonic() + timeout_s
-    while any(reader.position(tp) < end[tp] for tp in tps):
-        assert time.monotonic() < deadline, "a transaction on item-rows did not end"
-        for batch in reader.poll(timeout_ms=500).values():
-            for r in batch:
-                mirror.apply(r.key, r.value, dict(r.headers)[MODEL_HEADER].decode())
-                last[r.key] = r.value
-    reader.close()
-    hw_reader.close()
-    return mirror, last
 
 
 @pytest.mark.kafka
@@ -139,7 +116,7 @@ def test_owner_applies_row_wise_adagrad_worked_by_hand(kafka_settings: KafkaSett
     w2 = w0 - 0.05 * 0.4 / np.sqrt(0.26) + 0.05 * 0.3 / np.sqrt(0.35)
     # brand-new: admitted at its 2nd use from the default row, G = 0.1 + 0.04 = 0.14, w = default - 0.05 * 0.2 / sqrt(0.14)
     new = default - 0.05 * 0.2 / np.sqrt(0.14)
-    mirror, last = _committed_rows(kafka_settings)
+    mirror, last = committed_item_rows(kafka_settings)
     np.testing.assert_allclose(mirror.row(known), w2, rtol=0, atol=1e-6)
     np.testing.assert_allclose(mirror.row("brand-new"), new, rtol=0, atol=1e-6)
     assert (
@@ -265,7 +242,7 @@ def test_two_owners_sigkill_and_scaling_apply_every_gradient_exactly_once(
             producer.join(60)
     for text in scraped.values():
         assert "freshtower_item_owner_partitions 2.0" in text, text
-    mirror, _ = _committed_rows(kafka_settings)
+    mirror, _ = committed_item_rows(kafka_settings)
     assert mirror.ids() == sorted(expected)
     for item_id, row in expected.items():
         assert np.array_equal(mirror.row(item_id), row), item_id

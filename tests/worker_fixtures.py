@@ -8,10 +8,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from streaming.archive_sink import ArchiveSink
 from streaming.events import Event
+from streaming.item_rows import MODEL_HEADER, RowsMirror
 from streaming.producer import EventProducer
 from streaming.settings import KafkaSettings
 from streaming.sources.synthetic import SyntheticWorld, WorldConfig
@@ -74,6 +75,31 @@ def produce_raw(settings: KafkaSettings, records: list[tuple[str, bytes, bytes]]
     for kind, key, value in records:
         raw.send(settings.topic(kind), key=key, value=value)
     raw.close()
+
+
+def committed_item_rows(
+    settings: KafkaSettings, timeout_s: float = 60.0, model_version: str = "v1"
+) -> tuple[RowsMirror, dict[bytes, bytes | None]]:
+    """``item-rows`` as a read-committed reader sees it once no transaction is open: the mirror and the last value
+    of every key."""
+    topic = settings.topic("item-rows")
+    hw_reader = KafkaConsumer(group_id=None, **settings.client_config())
+    reader = KafkaConsumer(group_id=None, isolation_level="read_committed", **settings.client_config())
+    tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic))]
+    reader.assign(tps)
+    reader.seek_to_beginning(*tps)
+    end = hw_reader.end_offsets(tps)
+    mirror, last = RowsMirror(model_version), {}
+    deadline = time.monotonic() + timeout_s
+    while any(reader.position(tp) < end[tp] for tp in tps):
+        assert time.monotonic() < deadline, "a transaction on item-rows did not end"
+        for batch in reader.poll(timeout_ms=500).values():
+            for r in batch:
+                mirror.apply(r.key, r.value, dict(r.headers)[MODEL_HEADER].decode())
+                last[r.key] = r.value
+    reader.close()
+    hw_reader.close()
+    return mirror, last
 
 
 def read_state(path: Path) -> dict[str, object]:
