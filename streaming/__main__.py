@@ -192,7 +192,7 @@ def cmd_item_owner(args: argparse.Namespace) -> int:
     table = TableSettings(**{k: given[k] for k in ("min_count", "lr") if k in given})
     fields = ("state_dir", "group_id", "instance_id", "session_timeout_ms", "transaction_timeout_ms")
     settings = OwnerSettings(table=table, **{k: given[k] for k in fields if k in given})
-    owner = ItemOwner(kafka, settings, load_version(registry.path(current)))
+    owner = ItemOwner(kafka, settings, load_version(registry.path(current)), registry=registry)
     if args.metrics_port:
         from prometheus_client import start_http_server
 

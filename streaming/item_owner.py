@@ -24,6 +24,10 @@ admission (``min_count``), so two runs over the same gradient records give the s
 sizes, restarts or rebalances, as long as the table neither evicts (``max_rows``) nor expires (``idle_ms``,
 checked every ``expire_every`` steps against the newest event time owned), whose timing follows the batches.
 
+Model switches: when a polled gradient names the registry's current version (the workers have switched to a
+promoted version), the owner adopts it: its table starts again from that version's rows, and gradients of the
+older version are dropped from then on. Rows carry their version, so readers never mix the two.
+
 Restoring reads each owned partition of ``item-rows`` from its start (the topic is compacted, so this is about
 one record per row and admission count) to its high watermark, so that a transaction still open there (the last
 step of a killed owner) has ended first; rows of another model version are skipped. Keeping a local copy with
@@ -51,7 +55,8 @@ from streaming.metrics import OwnerMetrics
 from streaming.settings import KafkaSettings
 from streaming.state import StateStore
 from streaming.tables import EmbeddingTable, TableSettings
-from trainer.artifact import ModelVersion
+from trainer.artifact import ModelVersion, load_version
+from trainer.registry import Registry
 
 __all__ = ["ItemOwner", "OwnerSettings"]
 
@@ -86,20 +91,25 @@ class OwnerStats:
     dropped: int = 0  # gradient records of another model version, or unreadable
     restores: int = 0
     restored_records: int = 0
+    switches: int = 0
 
 
 class ItemOwner:
     """One member of the item-owner group over ``kafka``'s ``item-grads`` (module docstring)."""
 
     def __init__(
-        self, kafka: KafkaSettings, settings: OwnerSettings, version: ModelVersion, metrics: OwnerMetrics | None = None
+        self,
+        kafka: KafkaSettings,
+        settings: OwnerSettings,
+        version: ModelVersion,
+        metrics: OwnerMetrics | None = None,
+        registry: Registry | None = None,
     ) -> None:
         self.kafka = kafka
         self.settings = settings
         self.metrics = metrics or OwnerMetrics()
-        self.model_version = version.version_id
-        self._base = version.model.item_tower.id_table.weight.detach().numpy().copy()
-        self._index = {token: k for k, token in enumerate(version.encoder.item_vocab.tokens, start=1)}
+        self.registry = registry
+        self._adopt(version)
         self.grads_topic = kafka.topic("item-grads")
         self.rows_topic = kafka.topic("item-rows")
         self.stats = OwnerStats()
@@ -137,6 +147,30 @@ class ItemOwner:
             **common,
         )
         subscribe(self.consumer, [self.grads_topic], self._on_assigned, self._on_revoked)
+
+    def _adopt(self, version: ModelVersion) -> None:
+        self.model_version = version.version_id
+        self._base = version.model.item_tower.id_table.weight.detach().numpy().copy()
+        self._index = {token: k for k, token in enumerate(version.encoder.item_vocab.tokens, start=1)}
+
+    def _follow_switch(self, batches: dict) -> None:
+        """Adopt the registry's current version when a polled gradient names it (the workers switched): the table
+        starts again from that version's rows, and the older version's gradients are dropped, as the workers dropped
+        the rows they were trained on (:mod:`streaming.model_switch`)."""
+        if self.registry is None:
+            return
+        named = {
+            dict(r.headers or ()).get(MODEL_HEADER, b"").decode() for records in batches.values() for r in records
+        } - {self.model_version}
+        if not named:
+            return
+        current = self.registry.current()
+        if current is None or current not in named:
+            return
+        logger.info("switching item rows from model %s to %s", self.model_version, current)
+        self._adopt(load_version(self.registry.path(current)))
+        self.stats.switches += 1
+        self._restore()
 
     # ------------------------------------------------------------------ partitions
     # Called inside poll(), on the client's network loop: only note the change; the next step restores before it
@@ -197,6 +231,8 @@ class ItemOwner:
         if self._moved:
             self._moved = False
             self._restore()
+        if batches:
+            self._follow_switch(batches)
         if not batches:
             self.metrics.progress.set(time.time())
             return 0

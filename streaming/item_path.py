@@ -169,6 +169,11 @@ class ItemPath:
         self.mirrored += applied
         return applied
 
+    def rewind(self) -> None:
+        """Read ``item-rows`` again from its start (after a model switch: rows of the new version that owners
+        committed before this worker switched were skipped)."""
+        self._rows.seek_to_beginning(*self._rows.assignment())
+
     def positions(self) -> dict[str, int]:
         return {tp_key(tp): self._rows.position(tp) for tp in self._rows.assignment()}
 

@@ -86,6 +86,8 @@ class ModelSwitch:
         self.checkpoint()
         self._reset_tables(version)
         self.pending = []  # the old model's unfinished batch: those clicks are replayed below
+        if self.item_path is not None:
+            self.item_path.rewind()  # the owners' rows of the new version, from the start
         self.learner = IncrementalLearner(
             version.model, version.encoder, self.builder, self.settings.learner(version.train_config), self.state
         )

@@ -32,7 +32,7 @@ from streaming.state import StateStore
 from streaming.tables import EmbeddingTable, TableSettings
 from streaming.topics import ITEM_PATH_TOPICS, ensure_topics
 from tests.conftest import free_port
-from tests.worker_fixtures import committed_item_rows, register_model, split_world, wait_for
+from tests.worker_fixtures import committed_item_rows, promote_second_version, register_model, split_world, wait_for
 from trainer.artifact import load_version
 
 REPO = Path(__file__).resolve().parents[1]
@@ -260,3 +260,46 @@ def test_owner_refuses_topics_whose_partition_counts_differ(kafka_settings: Kafk
         admin.close()
     with pytest.raises(RuntimeError, match="has 2 partitions and .* 4"):
         ItemOwner(kafka_settings, OwnerSettings(state_dir=tmp_path / "owner"), version)
+
+
+@pytest.mark.kafka
+def test_owner_follows_the_workers_to_a_promoted_version(kafka_settings: KafkaSettings, tmp_path: Path) -> None:
+    """Gradients of v2 arrive once the workers switched: the owner adopts v2 (rows start again from v2's rows)
+    and drops v1's gradients from then on."""
+    _, day_one, day_two = split_world()
+    registry = register_model(tmp_path / "models", day_one)
+    v1 = load_version(registry.path("v1"))
+    ensure_topics(kafka_settings, names=ITEM_PATH_TOPICS)
+    item = v1.encoder.item_vocab.tokens[0]
+    settings = OwnerSettings(state_dir=tmp_path / "owner", session_timeout_ms=6000)
+    owner = ItemOwner(kafka_settings, settings, v1, registry=registry)
+    try:
+
+        def drain(n: int) -> None:
+            done, deadline = 0, time.monotonic() + 60
+            while done < n:
+                assert time.monotonic() < deadline, owner.stats
+                owner.step(timeout_ms=500)
+                done = owner.stats.gradients + owner.stats.dropped
+
+        _send(kafka_settings, [Gradient(item, 10, 1, np.full(DIM, 0.4))])
+        drain(1)
+        promote_second_version(registry, day_one + day_two[:100], v1.data_cutoff_ms + 1)
+        v2 = load_version(registry.path("v2"))
+        _send(kafka_settings, [Gradient(item, 20, 1, np.full(DIM, 0.4))], version="v2")
+        _send(kafka_settings, [Gradient(item, 21, 1, np.full(DIM, 0.4))], version="v1")  # a straggler: dropped
+        drain(3)
+        assert (owner.model_version, owner.stats.switches, owner.stats.gradients, owner.stats.dropped) == (
+            "v2",
+            1,
+            2,
+            1,
+        )
+    finally:
+        owner.close()
+    base = v2.model.item_tower.id_table.weight[v2.encoder.item_vocab.index(item)].detach().numpy()
+    mirror, _ = committed_item_rows(kafka_settings, model_version="v2")
+    # One step from v2's own row (accumulator 0.1 + 0.16), not from the v1 row the first gradient moved.
+    np.testing.assert_allclose(mirror.row(item), base - 0.05 * 0.4 / np.sqrt(0.26), rtol=0, atol=1e-6)
+    # The key now holds v2's row: a reader still at v1 takes nothing from it.
+    assert committed_item_rows(kafka_settings, model_version="v1")[0].row(item) is None
