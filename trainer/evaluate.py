@@ -22,7 +22,9 @@ The protocol (design brief, "Quality is measured, not assumed"):
 
 With ``--test-fractions F,F,...`` and / or ``--seeds S,S,...`` the command runs the rolling-origin evaluation of
 :mod:`trainer.rolling` instead: every model at every cut and seed, cold test users scored as a stratum of their own,
-95% bootstrap intervals over users (defaults under ``runs/eval-rolling-<dataset>/``).
+95% bootstrap intervals over users (defaults under ``runs/eval-rolling-<dataset>/``). ``--tune`` chooses every
+model's setting on a validation window before each cut (:mod:`trainer.tuning`); ``--world-seeds`` runs it on several
+synthetic worlds and pools them (:mod:`trainer.worlds`); the command-line side is :mod:`trainer.rolling_cli`.
 """
 
 from __future__ import annotations
