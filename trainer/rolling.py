@@ -280,7 +280,8 @@ def plot_rolling(report: dict[str, Any], path: Path, metric: str = "recall@20") 
     names = list(report["models"])
     colours = dict(zip(names, _bar_colours(names), strict=True))
     fig, axes = plt.subplots(1, len(STRATA), figsize=(4.6 * len(STRATA), 4.0), sharey=True, squeeze=False)
-    width = 0.08 * (float(np.ptp(x)) if len(x) > 1 and np.ptp(x) > 0 else 0.1)
+    # Side by side within 60% of the gap between cuts, so that each point stays nearer its own cut than the next.
+    width = min(0.08, 0.6 / (len(x) * len(names))) * (float(np.ptp(x)) if len(x) > 1 and np.ptp(x) > 0 else 0.1)
     for ax, stratum in zip(axes[0], STRATA, strict=True):
         for j, name in enumerate(names):
             rows = [c["strata"][stratum]["models"].get(name, {}).get(metric) for c in cuts]
