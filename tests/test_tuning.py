@@ -217,3 +217,26 @@ def test_worlds_pool_users_side_by_side_by_hand() -> None:
     assert strata["all"]["ratio_two_tower_als"]["recall@20"]["value"] == pytest.approx(3.0)
     assert strata["warm"]["vs_two_tower"]["als"]["recall@20"]["value"] == pytest.approx(0.5)
     assert pooled["world_seeds"] == [0, 1] and set(pooled["worlds"]) == {"0", "1"}
+
+
+@pytest.mark.slow
+def test_tuned_eval_over_world_seeds_end_to_end(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    paths = {"json": tmp_path / "r.json", "markdown": tmp_path / "r.md", "plot": tmp_path / "r.png"}
+    cmd = [sys.executable, "-m", "trainer", "eval", "--quick", "--tune", "--world-seeds", "0,1", "--test-fractions"]
+    cmd += ["0.3", "--seeds", "0", "--models", "two_tower,als,popularity_recent", "--bootstrap-resamples", "50"]
+    for flag, path in paths.items():
+        cmd += [f"--{flag}", str(path)]
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(paths["json"].read_text())
+    assert report["tuned"] and report["world_seeds"] == [0, 1]
+    worlds = [report["worlds"][w]["cuts"][0] for w in ("0", "1")]
+    assert report["cuts"][0]["strata"]["all"]["users"] == sum(c["strata"]["all"]["users"] for c in worlds)
+    assert all(set(c["tuning"]["0"]) >= {"two_tower", "als", "als+prior", "popularity_recent"} for c in worlds)
+    assert report["models"] == ["two_tower", "two_tower[no prior]", "als", "als+prior", "popularity_recent"]
+    text = paths["markdown"].read_text()
+    assert "World seed 1:" in text and "## World seed 0: settings chosen" in text
