@@ -22,7 +22,9 @@ The protocol (design brief, "Quality is measured, not assumed"):
 
 With ``--test-fractions F,F,...`` and / or ``--seeds S,S,...`` the command runs the rolling-origin evaluation of
 :mod:`trainer.rolling` instead: every model at every cut and seed, cold test users scored as a stratum of their own,
-95% bootstrap intervals over users (defaults under ``runs/eval-rolling-<dataset>/``).
+95% bootstrap intervals over users (defaults under ``runs/eval-rolling-<dataset>/``). ``--tune`` chooses every
+model's setting on a validation window before each cut (:mod:`trainer.tuning`); ``--world-seeds`` runs it on several
+synthetic worlds and pools them (:mod:`trainer.worlds`); the command-line side is :mod:`trainer.rolling_cli`.
 """
 
 from __future__ import annotations
@@ -279,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
         serving_prior=args.serving_prior,
         prior_half_life_days=args.prior_half_life,
     )
-    rolling = args.test_fractions is not None or args.seeds is not None
+    rolling = args.test_fractions is not None or args.seeds is not None or args.world_seeds is not None or args.tune
     out_dir = Path("runs") / f"eval-{'rolling-' if rolling else ''}{config.dataset}"
     json_path = Path(args.json) if args.json else out_dir / "metrics.json"
     md_path = Path(args.markdown) if args.markdown else out_dir / "metrics.md"
@@ -311,33 +313,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
-
-
 def _run_rolling(args: argparse.Namespace, config: EvalConfig, json_path: Path, md_path: Path, png_path: Path) -> int:
-    """``eval --test-fractions ... --seeds ...``: the rolling-origin evaluation of :mod:`trainer.rolling`."""
-    import shlex
-    import sys
+    """``eval --test-fractions ... --seeds ...``: the rolling-origin evaluation (:mod:`trainer.rolling_cli`)."""
+    from trainer.rolling_cli import run_rolling_command
 
-    from trainer.rolling import run_rolling, write_reports
-
-    fractions = _floats(args.test_fractions) if args.test_fractions else [config.ml100k_test_fraction]
-    seeds = [int(v) for v in args.seeds.split(",") if v.strip()] if args.seeds else [config.seed]
-    dataset, source = build_dataset(config)
-    report = run_rolling(
-        dataset,
-        lambda seed: build_models(dataclasses.replace(config, seed=seed)),
-        fractions,
-        seeds,
-        resamples=args.bootstrap_resamples,
-        source=source,
-    )
-    report = {"dataset": config.dataset, "quick": config.quick, **report}
-    command = shlex.join(["python", "-m", "trainer", *sys.argv[1:]])
-    print(write_reports(report, json_path, md_path, png_path, command))
-    logger.info("wrote %s, %s, %s", json_path, md_path, png_path)
-    return 0
+    return run_rolling_command(args, config, json_path, md_path, png_path)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -395,6 +375,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--bootstrap-resamples", type=int, default=1000, help="rolling-origin evaluation: user resamples per interval"
+    )
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="rolling-origin evaluation: choose every model's setting on a validation window before each cut "
+        "(trainer/tuning.py); adds two_tower[no prior] and als+prior",
+    )
+    p.add_argument(
+        "--world-seeds",
+        default=None,
+        metavar="W,W,...",
+        help="rolling-origin evaluation on --dataset synthetic: one generated world per seed, pooled and per world",
     )
     p.add_argument("--min-rating", type=float, default=0.0, help="ml100k: ratings below this are not clicks")
     p.set_defaults(run=run)

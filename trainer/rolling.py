@@ -34,9 +34,10 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tqdm import tqdm
 
 from trainer.dataset import Dataset
 from trainer.intervals import DEFAULT_LEVEL, bootstrap_indices, mean_interval, paired_difference, ratio_interval
@@ -44,6 +45,9 @@ from trainer.metrics import hit_matrix, recall_per_user
 from trainer.peers import Recommender
 from trainer.report import _nan_to_none
 from trainer.split import TemporalSplit, quantile_cut, temporal_split
+
+if TYPE_CHECKING:
+    from trainer.tuning import Tuner
 
 __all__ = [
     "RollingSplit",
@@ -276,7 +280,8 @@ def plot_rolling(report: dict[str, Any], path: Path, metric: str = "recall@20") 
     names = list(report["models"])
     colours = dict(zip(names, _bar_colours(names), strict=True))
     fig, axes = plt.subplots(1, len(STRATA), figsize=(4.6 * len(STRATA), 4.0), sharey=True, squeeze=False)
-    width = 0.08 * (float(np.ptp(x)) if len(x) > 1 and np.ptp(x) > 0 else 0.1)
+    # Side by side within 60% of the gap between cuts, so that each point stays nearer its own cut than the next.
+    width = min(0.08, 0.6 / (len(x) * len(names))) * (float(np.ptp(x)) if len(x) > 1 and np.ptp(x) > 0 else 0.1)
     for ax, stratum in zip(axes[0], STRATA, strict=True):
         for j, name in enumerate(names):
             rows = [c["strata"][stratum]["models"].get(name, {}).get(metric) for c in cuts]
@@ -306,24 +311,47 @@ def run_rolling(
     seeds: Sequence[int],
     resamples: int = 1000,
     source: dict[str, Any] | None = None,
+    tuner: Tuner | None = None,
+    per_user: list[tuple[dict[str, dict[int, np.ndarray]], np.ndarray]] | None = None,
 ) -> dict[str, Any]:
-    """Every model of ``build(seed)`` at every cut and seed; returns the report (JSON-ready but for NaN)."""
+    """Every model of ``build(seed)`` at every cut and seed; returns the report (JSON-ready but for NaN).
+
+    ``tuner(split, seed)`` (:class:`trainer.tuning.Tuner`), when given, replaces ``build``: it chooses each model's
+    setting on a validation window before the cut and returns the factories and what it chose (stored per cut
+    and seed under ``tuning``). ``per_user``, when given, receives per cut the seed-pooled per-user Recall@K of
+    every model and the cold mask (to pool several synthetic worlds, :mod:`trainer.worlds`).
+    """
     if not test_fractions or not seeds:
         raise ValueError("expected at least one test fraction and one seed")
     t0 = time.perf_counter()
     cuts: list[dict[str, Any]] = []
     names: list[str] = []
+    steps = tqdm(total=len(test_fractions) * len(seeds), desc="cuts x seeds", unit="fit set")
     for fraction in test_fractions:
         split = rolling_split(dataset, fraction, source)
-        per_seed, fit_s = [], {}
+        per_seed, fit_s, tuning = [], {}, {}
         for seed in seeds:
-            recalls, seconds = score_users(build(seed), split)
+            steps.set_postfix_str(f"F={fraction:g} seed {seed}")
+            if tuner is None:
+                models = build(seed)
+            else:
+                models, tuning[str(seed)] = tuner(split, seed)
+            recalls, seconds = score_users(models, split)
             per_seed.append(recalls)
             for name, s in seconds.items():
                 fit_s.setdefault(name, []).append(s)
+            steps.update()
         names = list(per_seed[0])
         strata = summarize(per_seed, split.cold, resamples=resamples, seed=0)
         cuts.append({"test_fraction": fraction, "split": split.info, "fit_s": fit_s, "strata": strata})
+        if tuner is not None:
+            cuts[-1]["tuning"] = tuning
+        if per_user is not None:
+            ks = per_seed[0][names[0]].keys()
+            per_user.append(
+                ({n: {k: np.mean([s[n][k] for s in per_seed], axis=0) for k in ks} for n in names}, split.cold)
+            )
+    steps.close()
     return {
         "seeds": list(seeds),
         "test_fractions": list(test_fractions),
@@ -337,9 +365,11 @@ def run_rolling(
     }
 
 
-def write_reports(report: dict[str, Any], json_path: Path, md_path: Path, png_path: Path, command: str) -> str:
-    """Write the JSON, markdown and PNG reports; returns the markdown."""
-    body = markdown_report(report)
+def write_reports(
+    report: dict[str, Any], json_path: Path, md_path: Path, png_path: Path, command: str, extra: str = ""
+) -> str:
+    """Write the JSON, markdown and PNG reports (``extra``: markdown appended); returns the markdown."""
+    body = markdown_report(report) + (f"\n{extra}" if extra else "")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(_nan_to_none({**report, "command": command}), indent=2, allow_nan=False) + "\n")
     md_path.parent.mkdir(parents=True, exist_ok=True)
