@@ -54,6 +54,7 @@ def test_a_user_back_after_the_row_expired_trains_and_is_served_with_the_whole_l
         learner=learner,
         builder=builder,
         pending=[builder.add(_click(other, items[k], t0 + 4 * DAY + k)) for k in (6, 7)],
+        item_path=None,  # item rows trained here (item_rows = "local")
     )
     Worker._train(worker)
     assert user not in learner.users
