@@ -22,7 +22,8 @@ The protocol (design brief, "Quality is measured, not assumed"):
 
 With ``--test-fractions F,F,...`` and / or ``--seeds S,S,...`` the command runs the rolling-origin evaluation of
 :mod:`trainer.rolling` instead: every model at every cut and seed, cold test users scored as a stratum of their own,
-95% bootstrap intervals over users (defaults under ``runs/eval-rolling-<dataset>/``).
+95% bootstrap intervals over users (defaults under ``runs/eval-rolling-<dataset>/``). With ``--protocol sequential``
+the same cuts are scored click by click, each test click with the user's history up to it (:mod:`trainer.sequential`).
 """
 
 from __future__ import annotations

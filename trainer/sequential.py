@@ -30,6 +30,7 @@ ratio of the resampled users' hits to their clicks (:func:`trainer.intervals.rat
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -186,9 +187,7 @@ def sequential_split(
             "test_states": len(state_ts),
             "warm_test_users": int(sum(u in warm_users for u in users)),
             "cold_test_users": int(sum(u not in warm_users for u in users)),
-            "clicks_with_empty_history": int(np.sum(np.asarray(state_len)[np.asarray(click_state, dtype=int)] == 0))
-            if n_all
-            else 0,
+            "clicks_with_empty_history": int(np.sum(np.asarray(state_len, dtype=np.int64)[click_state] == 0)),
         },
     )
     if config.max_clicks is not None and n_all > config.max_clicks:
@@ -198,8 +197,6 @@ def sequential_split(
 
 def _subsample(split: SequentialSplit, n: int, seed: int) -> SequentialSplit:
     """Keep ``n`` of the scored clicks, drawn without replacement with ``seed`` (their states and users follow)."""
-    import dataclasses
-
     keep = np.sort(np.random.default_rng(seed).choice(len(split.click_item), size=n, replace=False))
     states, click_state = np.unique(split.click_state[keep], return_inverse=True)
     users, state_user = np.unique(split.state_user[states], return_inverse=True)
