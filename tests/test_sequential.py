@@ -4,6 +4,8 @@ leakage, by hand."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,8 @@ from trainer.peers import ALS, ItemCF, Popularity
 from trainer.sequential import SequentialConfig, click_ranks, fit_models, run_sequential, sequential_split, user_hits
 from trainer.sequential_report import summarize, write_reports
 from trainer.sequential_scorers import ALSScorer, ItemCFScorer, fold_in, history_counts
+
+REPO = Path(__file__).resolve().parents[1]
 
 CLICKS = [
     ("u1", "a", 10),
@@ -240,3 +244,32 @@ def test_run_and_reports_on_the_tiny_dataset(tmp_path: Path) -> None:
         np.mean([c["strata"]["all"]["models"]["popularity"]["hit@20"]["value"] for c in report["cuts"]])
     )
     assert "| two_tower − als (per user) |" in body and paths[2].stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_sequential_eval_command_end_to_end(tmp_path: Path) -> None:
+    paths = {"json": tmp_path / "s.json", "markdown": tmp_path / "s.md", "plot": tmp_path / "s.png"}
+    cmd = [sys.executable, "-m", "trainer", "eval", "--quick", "--protocol", "sequential", "--test-fractions", "0.2"]
+    cmd += [
+        "--seeds",
+        "0,1",
+        "--models",
+        "two_tower,als,popularity",
+        "--bootstrap-resamples",
+        "50",
+        "--max-clicks",
+        "500",
+    ]
+    for flag, path in paths.items():
+        cmd += [f"--{flag}", str(path)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(paths["json"].read_text())
+    assert report["protocol"] == "sequential" and report["models"] == ["two_tower", "als", "popularity"]
+    [cut] = report["cuts"]
+    assert cut["split"]["subsampled_clicks"] == 500 and cut["strata"]["all"]["clicks"] == 500
+    assert cut["strata"]["all"]["users"] == cut["strata"]["warm"]["users"] + cut["strata"]["cold"]["users"]
+    for stratum in cut["strata"].values():
+        for m in stratum["models"].values():
+            assert m["hit@20"]["low"] <= m["hit@20"]["value"] <= m["hit@20"]["high"]
+    assert "| two_tower − als (per user) |" in done.stdout and paths["plot"].stat().st_size > 0
