@@ -24,7 +24,9 @@ With ``--test-fractions F,F,...`` and / or ``--seeds S,S,...`` the command runs 
 :mod:`trainer.rolling` instead: every model at every cut and seed, cold test users scored as a stratum of their own,
 95% bootstrap intervals over users (defaults under ``runs/eval-rolling-<dataset>/``). ``--tune`` chooses every
 model's setting on a validation window before each cut (:mod:`trainer.tuning`); ``--world-seeds`` runs it on several
-synthetic worlds and pools them (:mod:`trainer.worlds`); the command-line side is :mod:`trainer.rolling_cli`.
+synthetic worlds and pools them (:mod:`trainer.worlds`); the command-line side is :mod:`trainer.rolling_cli`. With
+``--protocol sequential`` the same cuts are scored click by click, each test click with the user's history up to it
+(:mod:`trainer.sequential`).
 """
 
 from __future__ import annotations
@@ -281,13 +283,23 @@ def run(args: argparse.Namespace) -> int:
         serving_prior=args.serving_prior,
         prior_half_life_days=args.prior_half_life,
     )
-    rolling = args.test_fractions is not None or args.seeds is not None or args.world_seeds is not None or args.tune
-    out_dir = Path("runs") / f"eval-{'rolling-' if rolling else ''}{config.dataset}"
+    sequential = args.protocol == "sequential"
+    rolling = (
+        args.test_fractions is not None or args.seeds is not None or args.world_seeds is not None or args.tune
+    ) or sequential
+    prefix = "sequential-" if sequential else "rolling-" if rolling else ""
+    out_dir = Path("runs") / f"eval-{prefix}{config.dataset}"
     json_path = Path(args.json) if args.json else out_dir / "metrics.json"
     md_path = Path(args.markdown) if args.markdown else out_dir / "metrics.md"
     png_path = Path(args.plot) if args.plot else out_dir / "metrics.png"
 
     factories = build_models(config)  # fails fast on an unknown model name, before the data is built
+    if sequential:
+        if args.tune or args.world_seeds is not None:
+            raise SystemExit("--protocol sequential takes neither --tune nor --world-seeds")
+        from trainer.sequential_report import run_cli
+
+        return run_cli(args, config, json_path, md_path, png_path)
     if rolling:
         return _run_rolling(args, config, json_path, md_path, png_path)
     split = load_dataset(config)
@@ -387,6 +399,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="W,W,...",
         help="rolling-origin evaluation on --dataset synthetic: one generated world per seed, pooled and per world",
+    )
+    p.add_argument(
+        "--protocol",
+        choices=("static", "sequential"),
+        default="static",
+        help="sequential (trainer/sequential.py): models frozen at each cut, every test click scored with the "
+        "user's history up to it (HitRate@20/50); takes --test-fractions and --seeds",
+    )
+    p.add_argument(
+        "--max-clicks",
+        type=int,
+        default=None,
+        help="sequential: score a fixed random subset of this many clicks per cut",
     )
     p.add_argument("--min-rating", type=float, default=0.0, help="ml100k: ratings below this are not clicks")
     p.set_defaults(run=run)
