@@ -15,10 +15,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each command module registers its own parser and the function that runs it.
-    from trainer import evaluate, full, registry
+    from trainer import evaluate_cli, full, registry
 
     full.add_parser(sub)
-    evaluate.add_parser(sub)
+    evaluate_cli.add_parser(sub)
     registry.add_parsers(sub)
     return parser
 
