@@ -7,7 +7,9 @@ record of those partitions in offset order. Each :meth:`ItemOwner.step` is one K
 the consumer group's metadata for fencing, KIP-447):
 
 1. poll gradient records of the owned partitions;
-2. apply them to the table (admission counts, then Adagrad on the summed gradient of each record);
+2. apply them to the table (admission counts, then Adagrad on the summed gradient of each record), in waves:
+   every item's first record of the step in one vectorised call, then every item's second, and so on, which
+   gives the rows record-by-record application would (:func:`streaming.item_rows.apply_in_waves`);
 3. send every state change the table staged (rows, admission counts, removals as tombstones) to ``item-rows``,
    on the item's partition;
 4. add the consumed offsets to the transaction and commit.
@@ -50,7 +52,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streaming.consumer import subscribe
-from streaming.item_rows import MODEL_HEADER, apply_gradient, decode_gradient, item_of_key, partition_of
+from streaming.item_rows import MODEL_HEADER, Gradient, apply_in_waves, decode_gradient, item_of_key, partition_of
 from streaming.metrics import OwnerMetrics
 from streaming.settings import KafkaSettings
 from streaming.state import StateStore
@@ -241,9 +243,11 @@ class ItemOwner:
         start = time.perf_counter()
         self.producer.begin_transaction()
         try:
-            for tp in sorted(batches, key=lambda t: t.partition):
-                for record in batches[tp]:
-                    applied += self._apply(record)
+            gradients = [
+                g for tp in sorted(batches, key=lambda t: t.partition) for r in batches[tp] if (g := self._read(r))
+            ]
+            apply_in_waves(self.table, gradients)
+            applied = len(gradients)
             self.stats.steps += 1
             if self.stats.steps % self.settings.expire_every == 0 and self._newest_ms:
                 self.table.expire(self._newest_ms)
@@ -276,21 +280,24 @@ class ItemOwner:
                 self.metrics.lag.labels(str(tp.partition)).set(max(0, end - records[-1].offset - 1))
         return applied
 
-    def _apply(self, record) -> int:
+    def _read(self, record) -> Gradient | None:
+        """The gradient of ``record``, or None (counted as dropped) for another model version, an unreadable record
+        or one of another dim than the rows."""
         assert self.table is not None
         version = dict(record.headers or ()).get(MODEL_HEADER, b"").decode()
         try:
             if version != self.model_version:
                 raise ValueError(f"model version {version!r}, owner at {self.model_version!r}")
             gradient = decode_gradient(record.key.decode(), record.value)
-            apply_gradient(self.table, gradient)  # checks the dim before it changes anything
+            if gradient.grad is not None and gradient.grad.shape[0] != self.table.dim:
+                raise ValueError(f"dim {gradient.grad.shape[0]}, rows {self.table.dim}")
         except (ValueError, UnicodeDecodeError, AttributeError) as exc:
             self.stats.dropped += 1
             self.metrics.gradients.labels("dropped").inc()
             logger.warning("gradient %s[%d]@%d dropped: %s", record.topic, record.partition, record.offset, exc)
-            return 0
+            return None
         self._newest_ms = max(self._newest_ms, gradient.ts_ms)
-        return 1
+        return gradient
 
     def _abort(self) -> None:
         """Undo a step that did not commit: the table is rebuilt from what ``item-rows`` holds, and the consumer goes

@@ -33,6 +33,7 @@ __all__ = [
     "Gradient",
     "RowsMirror",
     "apply_gradient",
+    "apply_in_waves",
     "decode_gradient",
     "encode_gradient",
     "item_of_key",
@@ -108,6 +109,29 @@ def apply_gradient(table: EmbeddingTable, gradient: Gradient) -> None:
     if gradient.grad is not None:
         _, slots = table.gather([gradient.item_id])
         table.apply_gradients(slots, gradient.grad[None, :])
+
+
+def apply_in_waves(table: EmbeddingTable, gradients: list[Gradient]) -> None:
+    """:func:`apply_gradient` for each of ``gradients`` in order, vectorised: wave k holds each item's k-th record,
+    and a wave's uses are counted record by record, then its Adagrad steps made in one call. An item's records keep
+    their order and different items' rows do not interact, so the rows are those of the record-by-record order
+    (the table neither evicting nor expiring in between). Dims must have been checked."""
+    seen: dict[str, int] = {}
+    waves: list[list[Gradient]] = []
+    for g in gradients:
+        k = seen.get(g.item_id, 0)
+        seen[g.item_id] = k + 1
+        if k == len(waves):
+            waves.append([])
+        waves[k].append(g)
+    for wave in waves:
+        for g in wave:
+            if g.uses:
+                table.observe([g.item_id] * g.uses, g.ts_ms)
+        stepped = [g for g in wave if g.grad is not None]
+        if stepped:
+            _, slots = table.gather([g.item_id for g in stepped])
+            table.apply_gradients(slots, np.stack([g.grad for g in stepped]))
 
 
 class RowsMirror:

@@ -23,6 +23,8 @@ from streaming.item_rows import (
     PENDING_PREFIX,
     Gradient,
     RowsMirror,
+    apply_gradient,
+    apply_in_waves,
     decode_gradient,
     encode_gradient,
     partition_of,
@@ -303,3 +305,26 @@ def test_owner_follows_the_workers_to_a_promoted_version(kafka_settings: KafkaSe
     np.testing.assert_allclose(mirror.row(item), base - 0.05 * 0.4 / np.sqrt(0.26), rtol=0, atol=1e-6)
     # The key now holds v2's row: a reader still at v1 takes nothing from it.
     assert committed_item_rows(kafka_settings, model_version="v1")[0].row(item) is None
+
+
+def test_waves_make_the_rows_of_record_by_record_application(model, tmp_path: Path) -> None:
+    """An owner's step applies each item's k-th record of the step in one vectorised call (wave k): the rows,
+    accumulators, update counts and admissions are those of applying the records one by one, bit for bit."""
+    _, version = model
+    base = version.model.item_tower.id_table.weight.detach().numpy().copy()
+    index = {t: k for k, t in enumerate(version.encoder.item_vocab.tokens, start=1)}
+    items = [*version.encoder.item_vocab.tokens[:20], *(f"new-{k}" for k in range(8))]
+    gradients = _gradients(items, 400, seed=9)  # repeats within the step, unknown ids admitted at their 2nd use
+    gradients += [Gradient(items[0], 5_000, 1, None), Gradient("new-0", 5_001, 1, None)]  # skipped steps: uses only
+    one, waves = (StateStore(tmp_path / name, sync=False) for name in ("one", "waves"))
+    by_record = EmbeddingTable("item", base, index, TableSettings(), one)
+    by_wave = EmbeddingTable("item", base, index, TableSettings(), waves)
+    for g in gradients:
+        apply_gradient(by_record, g)
+    apply_in_waves(by_wave, gradients)
+    by_record.flush()
+    by_wave.flush()
+    assert by_wave.ids() == by_record.ids() and len(by_record.ids()) > 20
+    assert one.staged() == waves.staged()  # every row's header (updates, accumulator, last seen) and vector
+    one.close()
+    waves.close()
