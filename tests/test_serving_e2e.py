@@ -291,7 +291,7 @@ def test_load_through_publishes_a_promotion_and_an_index_rebuild_fails_nothing(
     models_served = {model for model, _ in pairs}
     versions_served = {version for _, version in pairs}
     print(f"{len(results)} requests, {len(versions_served)} publish versions, models {sorted(models_served)}")
-    assert models_served == {"v1", "v2"} and len(versions_served) >= 10
+    assert models_served == {"v1", "v2"} and len(versions_served) >= 10, (sorted(pairs.items()), raised)
     # The promotion's version rewrote every item row: both sides rebuilt their HNSW graphs while serving.
     assert log.count("rebuilding HNSW index") >= 2, log[-3000:]
     assert 'freshtower_served_model_info{version="v2"} 1.0' in metrics
