@@ -227,6 +227,7 @@ def _over_cuts(cuts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _cell(entry: dict[str, float] | None, signed: bool = False) -> str:
+    """A table cell: the value, with its interval when it has one (also the sequential tables')."""
     if not entry or entry.get("value") is None or not np.isfinite(entry["value"]):
         return "n/a"
     fmt = "{:+.4f}" if signed else "{:.4f}"
@@ -266,8 +267,16 @@ def markdown_report(report: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def plot_rolling(report: dict[str, Any], path: Path, metric: str = "recall@20") -> None:
-    """One panel per stratum: ``metric`` per cut point (x: test fraction) and model, with 95% interval bars."""
+def plot_rolling(
+    report: dict[str, Any],
+    path: Path,
+    metric: str = "recall@20",
+    *,
+    title: str = "Rolling-origin evaluation",
+    ylabel: str | None = None,
+) -> None:
+    """One panel per stratum: ``metric`` per cut point (x: test fraction) and model, with 95% interval bars (also
+    the sequential protocol's plot, :mod:`trainer.sequential_report`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,9 +304,9 @@ def plot_rolling(report: dict[str, Any], path: Path, metric: str = "recall@20") 
         ax.set_xticks(x, [f"{f:g}" for f in x])
         ax.set_xlabel("test fraction (cut = 1 − F click quantile)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{metric} (95% bootstrap interval over users)")
+    axes[0][0].set_ylabel(ylabel or f"{metric} (95% bootstrap interval over users)")
     axes[0][-1].legend(fontsize="small")
-    fig.suptitle(f"Rolling-origin evaluation: {report['dataset']}, seeds {report['seeds']}")
+    fig.suptitle(f"{title}: {report['dataset']}, seeds {report['seeds']}")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -15,12 +15,12 @@ import numpy as np
 
 from trainer.intervals import DEFAULT_LEVEL, bootstrap_indices, mean_interval, paired_difference, ratio_interval
 from trainer.report import _nan_to_none
+from trainer.rolling import STRATA, _cell, plot_rolling
 
 __all__ = ["markdown_report", "over_cuts", "plot_sequential", "run_cli", "summarize", "write_reports"]
 
 logger = logging.getLogger(__name__)
 
-STRATA = ("warm", "cold", "all")
 REFERENCE = "two_tower"
 
 
@@ -103,16 +103,6 @@ def over_cuts(cuts: list[dict[str, Any]], ks: Sequence[int]) -> dict[str, Any]:
     return out
 
 
-def _cell(entry: dict[str, Any] | None, signed: bool = False) -> str:
-    if not entry or entry.get("value") is None or not np.isfinite(entry["value"]):
-        return "n/a"
-    fmt = "{:+.4f}" if signed else "{:.4f}"
-    low, high = entry.get("low"), entry.get("high")
-    if low is None or high is None or not (np.isfinite(low) and np.isfinite(high)):
-        return fmt.format(entry["value"])
-    return f"{fmt.format(entry['value'])} [{fmt.format(low)}, {fmt.format(high)}]"
-
-
 def markdown_report(report: dict[str, Any]) -> str:
     """Per stratum and K: HitRate@K per user and per click for every model and cut with 95% intervals, the paired
     differences two_tower minus peer, the two_tower / ALS ratio, and the mean over the cut points."""
@@ -148,40 +138,14 @@ def markdown_report(report: dict[str, Any]) -> str:
 
 
 def plot_sequential(report: dict[str, Any], path: Path, metric: str = "hit@20") -> None:
-    """One panel per stratum: ``metric`` per cut point (x: test fraction) and model, with 95% interval bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from trainer.report import _bar_colours
-
-    cuts = report["cuts"]
-    x = np.array([c["test_fraction"] for c in cuts], dtype=float)
-    names = list(report["models"])
-    colours = dict(zip(names, _bar_colours(names), strict=True))
-    fig, axes = plt.subplots(1, len(STRATA), figsize=(4.6 * len(STRATA), 4.0), sharey=True, squeeze=False)
-    width = 0.08 * (float(np.ptp(x)) if len(x) > 1 and np.ptp(x) > 0 else 0.1)
-    for ax, stratum in zip(axes[0], STRATA, strict=True):
-        for j, name in enumerate(names):
-            rows = [c["strata"][stratum]["models"].get(name, {}).get(metric) for c in cuts]
-            v = np.array([r["value"] if r and r["value"] is not None else np.nan for r in rows], dtype=float)
-            lo = np.array([r["low"] if r and r["low"] is not None else np.nan for r in rows], dtype=float)
-            hi = np.array([r["high"] if r and r["high"] is not None else np.nan for r in rows], dtype=float)
-            xs = x + (j - (len(names) - 1) / 2) * width
-            ax.errorbar(xs, v, yerr=np.nan_to_num(np.vstack([v - lo, hi - v])), marker="o", capsize=3,
-                        color=colours[name], label=name)  # fmt: skip
-        ax.set_title(f"{stratum} ({', '.join(str(c['strata'][stratum]['users']) for c in cuts)} users)")
-        ax.set_xticks(x, [f"{f:g}" for f in x])
-        ax.set_xlabel("test fraction (cut = 1 − F click quantile)")
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"{metric} per user (95% bootstrap interval over users)")
-    axes[0][-1].legend(fontsize="small")
-    fig.suptitle(f"Sequential evaluation (history up to each click): {report['dataset']}, seeds {report['seeds']}")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    """One panel per stratum: ``metric`` per cut point and model, with 95% interval bars (the rolling plot)."""
+    plot_rolling(
+        report,
+        path,
+        metric,
+        title="Sequential evaluation (history up to each click)",
+        ylabel=f"{metric} per user (95% bootstrap interval over users)",
+    )
 
 
 def write_reports(report: dict[str, Any], json_path: Path, md_path: Path, png_path: Path, command: str) -> str:
