@@ -147,6 +147,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "batch_size": args.batch_size,
             "metrics_port": args.metrics_port,
             "metrics_addr": args.metrics_addr,
+            "instance_id": args.instance_id,
+            "user_state": args.user_state,
+            "item_rows": args.item_rows or ("owner" if args.user_state == "changelog" else None),
+            "own_items": args.own_items,
         },
     )
     registry = Registry(settings.models_dir)
@@ -157,19 +161,67 @@ def cmd_worker(args: argparse.Namespace) -> int:
     version = load_version(registry.path(current))
     ensure_topics(kafka)
     if settings.item_rows == "owner":
-        from streaming.topics import ITEM_PATH_TOPICS
+        from streaming.topics import ITEM_PATH_TOPICS, SCALE_OUT_TOPICS
 
-        ensure_topics(kafka, names=ITEM_PATH_TOPICS)
+        ensure_topics(kafka, names=SCALE_OUT_TOPICS if settings.user_state == "changelog" else ITEM_PATH_TOPICS)
     worker = Worker(kafka, settings, version, registry=registry)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_addr, registry=worker.metrics.registry)
     guard = ProcessGuard("worker", stall_s=settings.stall_timeout_s).install()
+    owner = _OwnerRole(kafka, settings, registry, worker) if settings.own_items else None
     try:
         worker.run(guard.stop, exit_when_idle_s=args.exit_when_idle, beat=guard.beat)
+        if owner is not None and args.exit_when_idle is not None and not guard.stop.is_set():
+            owner.drain(args.exit_when_idle)  # the gradients this worker sent last are applied before it exits
     finally:
+        if owner is not None:
+            owner.close()
         guard.done()
     print(json.dumps(worker.summary(), sort_keys=True))
     return 0
+
+
+class _OwnerRole:
+    """The item-owner role in a worker process (``--own-items``): its own thread, member name and scratch state beside
+    the worker's, and its metrics on the worker's /metrics. It stops after the worker does."""
+
+    def __init__(self, kafka, settings, registry, worker) -> None:
+        import threading
+
+        from streaming.item_owner import ItemOwner, OwnerSettings
+        from streaming.metrics import OwnerMetrics
+        from trainer.artifact import load_version
+
+        owner_settings = OwnerSettings(
+            state_dir=settings.state_dir.with_name(settings.state_dir.name + "-item-owner"),
+            group_id=f"{settings.group_id}-item-owner",
+            instance_id=settings.member_id(),
+            table=settings.learner().item_table,
+            session_timeout_ms=settings.session_timeout_ms,
+        )
+        self.owner = ItemOwner(
+            kafka,
+            owner_settings,
+            load_version(registry.path(registry.current())),
+            metrics=OwnerMetrics(worker.metrics.registry),
+            registry=registry,
+        )
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.owner.run, args=(self.stop,), name="item-owner", daemon=True)
+        self.thread.start()
+        logger.info("running the item-owner role as member %s", owner_settings.instance_id)
+
+    def drain(self, idle_s: float) -> None:
+        """After an idle worker's exit: keep owning until no step has been committed for ``idle_s``."""
+        while self.thread.is_alive():
+            steps = self.owner.stats.steps
+            time.sleep(idle_s)
+            if self.owner.stats.steps == steps:
+                return
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=15)
 
 
 def cmd_item_owner(args: argparse.Namespace) -> int:
@@ -264,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on 127.0.0.1:PORT (0: off)")
     p.add_argument("--metrics-addr", help="address the /metrics server binds (default: 127.0.0.1)")
     p.add_argument("--exit-when-idle", type=float, help="exit after this many seconds with the stream fully applied")
+    p.add_argument("--instance-id", help="static member name in the group (default: host name + state directory)")
+    p.add_argument(
+        "--user-state",
+        choices=["local", "changelog"],
+        help="'changelog': share the partitions with other workers; user state moves with its partition (scale-out; "
+        "sets --item-rows owner). Default: FRESHTOWER_USER_STATE or local",
+    )
+    p.add_argument("--item-rows", choices=["local", "owner"], help="who steps item rows (default: local)")
+    p.add_argument("--own-items", action="store_const", const=True, help="also run the item-owner role in this process")
     p.set_defaults(run=cmd_worker)
     p = sub.add_parser("item-owner", parents=[common], help="own item-ID rows of a scaled-out worker group")
     p.add_argument("--models", type=Path, default=Path("artifacts/models"), help="model registry directory")

@@ -30,7 +30,7 @@ import logging
 import struct
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from streaming.events import Click, Event, Impression, Item, UserProfile
 from streaming.records import RecordStore
@@ -88,10 +88,21 @@ class BuilderStats:
 
 
 class ExampleBuilder:
-    def __init__(self, settings: ExampleSettings, state: StateStore) -> None:
+    """``scoped``: the worker shares its partitions with others (``user_state = "changelog"``). Counters that are not
+    one user's (per-item clicks and exposures, :class:`BuilderStats`) are then kept per event partition, under
+    ``c@<p>:<item>``, ``e@<p>:<item>`` and ``s@<p>``, so that each moves with its partition; the caller names the
+    partition of each event in :attr:`partition` before :meth:`add`. ``clicks``, ``exposures`` and ``stats`` are
+    the totals over the partitions held."""
+
+    def __init__(self, settings: ExampleSettings, state: StateStore, *, scoped: bool = False) -> None:
         self.settings = settings
         self.stats = BuilderStats()
         self._state = state
+        self.scoped = scoped
+        self.partition = 0  # scoped: the event partition of the event being added
+        self.partition_stats: dict[int, BuilderStats] = {}
+        self.watermarks: dict[int, int] = {}  # scoped: event time per partition (w@<p>)
+        self._partition_counts: dict[bytes, dict[int, dict[str, int]]] = {b"c": {}, b"e": {}}
         self.watermark_ms = 0
         self.last_n: dict[str, list[str]] = {}
         # user -> watermark at the user's last click, least recently active first (expiry pops from the front)
@@ -109,10 +120,12 @@ class ExampleBuilder:
     # ------------------------------------------------------------------ events
     def add(self, event: Event) -> Example | None:
         """Apply one event in stream order; a click returns its example (``None`` for a duplicate)."""
-        if event.ts_ms > self.watermark_ms:
+        if self.scoped:
+            self._advance(event)
+        elif event.ts_ms > self.watermark_ms:
             self.watermark_ms = event.ts_ms
         elif event.ts_ms < self.watermark_ms - self.settings.join_window_ms:
-            self.stats.late += 1
+            self._tally("late")
         if isinstance(event, Click):
             return self._click(event)
         if isinstance(event, Impression):
@@ -124,10 +137,38 @@ class ExampleBuilder:
             self.profiles.put(event.user_id, event)
         return None
 
+    def _advance(self, event: Event) -> None:
+        """Scoped: event time per partition. Partitions held by different workers do not move together in event time
+        (one may be replayed from a backlog while another is live), so lateness, activity times and expiry follow
+        each partition's own watermark, as one worker's merge of all partitions keeps them together."""
+        if isinstance(event, Item):  # every worker reads the whole catalogue: not a partition's event
+            self.watermark_ms = max(self.watermark_ms, event.ts_ms)
+            return
+        mark = self.watermarks.get(self.partition, 0)
+        if event.ts_ms > mark:
+            self.watermarks[self.partition] = event.ts_ms
+            self._state.put(b"w@%d" % self.partition, _COUNT.pack(event.ts_ms))
+            self.watermark_ms = max(self.watermark_ms, event.ts_ms)
+        elif event.ts_ms < mark - self.settings.join_window_ms:
+            self._tally("late")
+
+    @property
+    def expiry_ms(self) -> int:
+        """The event time expiry compares with: the watermark, or (scoped) the least advanced partition's."""
+        if self.scoped and self.watermarks:
+            return min(self.watermarks.values())
+        return self.watermark_ms
+
+    def _activity_ms(self) -> int:
+        return self.watermarks.get(self.partition, 0) if self.scoped else self.watermark_ms
+
     def remember(self, event: Click) -> None:
         """A click from before the model's cutoff, read by a new worker only to fill the user's last-N list: the
         model has learnt it, so it makes no example and counts nowhere (no join state, no click counter)."""
-        self.watermark_ms = max(self.watermark_ms, event.ts_ms)
+        if self.scoped:
+            self._advance(event)
+        else:
+            self.watermark_ms = max(self.watermark_ms, event.ts_ms)
         self._extend(event.user_id, event.item_id)
 
     def _extend(self, user_id: str, item_id: str) -> list[str]:
@@ -138,45 +179,62 @@ class ExampleBuilder:
         self.last_n[user_id] = history
         self._state.put(b"n:" + user_id.encode(), json.dumps(history).encode())
         self._active.pop(user_id, None)
-        self._active[user_id] = self.watermark_ms
-        self._state.put(b"na:" + user_id.encode(), _COUNT.pack(self.watermark_ms))
+        self._active[user_id] = self._activity_ms()
+        self._state.put(b"na:" + user_id.encode(), _COUNT.pack(self._active[user_id]))
         self.changed_users.add(user_id)
         return before
 
+    def _tally(self, name: str) -> None:
+        setattr(self.stats, name, getattr(self.stats, name) + 1)
+        if self.scoped:
+            scoped = self.partition_stats.setdefault(self.partition, BuilderStats())
+            setattr(scoped, name, getattr(scoped, name) + 1)
+
     def _impression(self, event: Impression) -> None:
-        key = f"{event.request_id}\t{event.item_id}"
+        # The user first: every key of a user's state names the user, so it can follow the user's partition.
+        key = f"{event.user_id}\t{event.request_id}\t{event.item_id}"
         if key in self._impressions:
             return  # the same slate entry delivered twice: count the exposure once
         self._impressions[key] = (event.position, event.ts_ms)
         self._state.put(b"j:" + key.encode(), _JOIN.pack(event.position, event.ts_ms))
-        self.stats.impressions += 1
-        self._bump(self.exposures, b"e:", event.item_id)
+        self._tally("impressions")
+        self._bump(self.exposures, b"e", event.item_id)
 
     def _click(self, event: Click) -> Example | None:
-        key = f"{event.request_id}\t{event.item_id}"
+        key = f"{event.user_id}\t{event.request_id}\t{event.item_id}"
         if key in self._clicked:
-            self.stats.duplicates += 1
+            self._tally("duplicates")
             return None
         self._clicked[key] = (-1, event.ts_ms)
         self._state.put(b"k:" + key.encode(), _JOIN.pack(-1, event.ts_ms))
         joined = self._impressions.get(key)
         if joined is None:
-            self.stats.unjoined += 1
-        self.stats.clicks += 1
+            self._tally("unjoined")
+        self._tally("clicks")
         history = self._extend(event.user_id, event.item_id)
         example = Example(event.user_id, event.item_id, event.ts_ms, tuple(history), joined[0] if joined else None)
-        self._bump(self.clicks, b"c:", event.item_id)
+        self._bump(self.clicks, b"c", event.item_id)
         return example
 
-    def _bump(self, counts: dict[str, int], prefix: bytes, item_id: str) -> None:
+    def _bump(self, counts: dict[str, int], kind: bytes, item_id: str) -> None:
         counts[item_id] = counts.get(item_id, 0) + 1
-        self._state.put(prefix + item_id.encode(), _COUNT.pack(counts[item_id]))
+        if not self.scoped:
+            self._state.put(kind + b":" + item_id.encode(), _COUNT.pack(counts[item_id]))
+            return
+        scoped = self._partition_counts[kind].setdefault(self.partition, {})
+        scoped[item_id] = scoped.get(item_id, 0) + 1
+        self._state.put(b"%s@%d:%s" % (kind, self.partition, item_id.encode()), _COUNT.pack(scoped[item_id]))
+
+    def flush(self) -> None:
+        """Stage the per-partition counters (scoped) for the next checkpoint."""
+        for partition, stats in self.partition_stats.items():
+            self._state.put(b"s@%d" % partition, json.dumps(asdict(stats), sort_keys=True).encode())
 
     def expire(self) -> None:
         """Forget join and de-duplication entries older than the window (behind the watermark), and the last-N lists
         idle for ``last_n_idle_ms`` or beyond the ``max_last_n_users`` most recently active."""
         self._expire_lists()
-        cutoff = self.watermark_ms - self.settings.join_window_ms
+        cutoff = self.expiry_ms - self.settings.join_window_ms
         for window, prefix in ((self._impressions, b"j:"), (self._clicked, b"k:")):
             while window:
                 key = next(iter(window))
@@ -186,7 +244,7 @@ class ExampleBuilder:
                 self._state.delete(prefix + key.encode())
 
     def _expire_lists(self) -> None:
-        cutoff = self.watermark_ms - self.settings.last_n_idle_ms
+        cutoff = self.expiry_ms - self.settings.last_n_idle_ms
         dropped = 0
         while self._active:
             user, at = next(iter(self._active.items()))
@@ -225,6 +283,8 @@ class ExampleBuilder:
         # A list from a checkpoint that kept no activity times counts as active at its watermark.
         order = sorted((active.get(u, self.watermark_ms), u) for u in self.last_n)
         self._active = {u: t for t, u in order}
+        if self.scoped:
+            self._load_scoped()
         for counts, prefix in ((self.clicks, b"c:"), (self.exposures, b"e:")):
             for key, value in self._state.scan(prefix):
                 counts[key[2:].decode()] = _COUNT.unpack(value)[0]
@@ -240,6 +300,21 @@ class ExampleBuilder:
             len(self.clicks),
             windows,
         )
+
+    def _load_scoped(self) -> None:
+        """Totals over the partitions held, from their per-partition counters."""
+        self.stats = BuilderStats()
+        self.watermarks = {int(key[2:]): _COUNT.unpack(value)[0] for key, value in self._state.scan(b"w@")}
+        for key, value in self._state.scan(b"s@"):
+            stats = self.partition_stats[int(key[2:])] = BuilderStats(**json.loads(value))
+            for name, count in asdict(stats).items():
+                setattr(self.stats, name, getattr(self.stats, name) + count)
+        for kind, totals in ((b"c", self.clicks), (b"e", self.exposures)):
+            for key, value in self._state.scan(kind + b"@"):
+                partition, _, item = key[2:].decode().partition(":")
+                count = _COUNT.unpack(value)[0]
+                self._partition_counts[kind].setdefault(int(partition), {})[item] = count
+                totals[item] = totals.get(item, 0) + count
 
     def counts(self) -> Mapping[str, int]:
         return self.clicks

@@ -83,6 +83,7 @@ class ItemPath:
         self.outbox: list[tuple[str, Gradient]] = []  # (model version, gradient) since the last prepare
         self._unsent: list[list[str]] = []  # records of transactions that failed, sent with the next one
         self.sent = 0  # gradient records committed since this process started
+        self.changelog_positions: dict[int, int] = {}  # of the last commit's changelog records
         self.mirrored = 0  # rows taken from item-rows since this process started
 
     # ------------------------------------------------------------------ gradients out
@@ -100,12 +101,24 @@ class ItemPath:
         self._unsent = records
         return {"seq": seq, "records": records, "offsets": offsets}
 
-    def commit(self, txn: dict[str, Any], group: KafkaConsumer, *, group_id: str | None = None) -> bool:
+    def commit(
+        self,
+        txn: dict[str, Any],
+        group: KafkaConsumer,
+        *,
+        group_id: str | None = None,
+        changelog: tuple[str, str, list[tuple[int, bytes, bytes | None]]] | None = None,
+    ) -> bool:
         """Send ``txn`` as one Kafka transaction; False (kept for the next one) when Kafka refused it. The offsets
         go with the group's metadata (a member the group has replaced is fenced), or with the bare ``group_id``
-        before the consumer has joined (at recovery: a static member's id with no generation is refused)."""
+        before the consumer has joined (at recovery: a static member's id with no generation is refused).
+
+        ``changelog``: ``(topic, model version, [(partition, key, value)])``, state records sent in the same
+        transaction (:mod:`streaming.changelog`); after a commit, :attr:`changelog_positions` holds the offset
+        after the last record sent to each partition."""
         tag = f"txn:{txn['seq']}"
         offsets = {_tp(k): OffsetAndMetadata(v, tag, -1) for k, v in txn["offsets"].items()}
+        futures = []
         try:
             self.producer.begin_transaction()
             for version, item_id, value in txn["records"]:
@@ -115,9 +128,22 @@ class ItemPath:
                     value=base64.b64decode(value),
                     headers=[(MODEL_HEADER, version.encode())],
                 )
+            if changelog is not None:
+                topic, version, records = changelog
+                headers = [(MODEL_HEADER, version.encode())]
+                for partition, key, value in records:
+                    futures.append(
+                        self.producer.send(topic, key=key, value=value, partition=partition, headers=headers)
+                    )
             if offsets:
                 self.producer.send_offsets_to_transaction(offsets, group_id or group.group_metadata())
             self.producer.commit_transaction()
+            self.changelog_positions = {}
+            for future in futures:
+                sent = future.get(timeout=0)  # resolved: the commit flushed every send
+                self.changelog_positions[sent.partition] = max(
+                    self.changelog_positions.get(sent.partition, 0), sent.offset + 1
+                )
         except Exception as exc:  # noqa: BLE001 (any refusal: abort, keep the records, try with the next checkpoint)
             logger.warning("item gradients not committed (%s); sent again with the next checkpoint", exc)
             try:
@@ -168,6 +194,19 @@ class ItemPath:
                 applied += 1
         self.mirrored += applied
         return applied
+
+    def drop_unsent(self) -> None:
+        """Forget the gradients of a transaction that failed (the worker trains their batches again)."""
+        self._unsent = []
+        self.outbox = []
+
+    def seek_rows(self, positions: dict[str, int]) -> None:
+        """Read ``item-rows`` again from ``positions`` (those of the checkpoint the item table was reloaded from)."""
+        for tp in self._rows.assignment():
+            if tp_key(tp) in positions:
+                self._rows.seek(tp, positions[tp_key(tp)])
+            else:
+                self._rows.seek_to_beginning(tp)
 
     def rewind(self) -> None:
         """Read ``item-rows`` again from its start (after a model switch: rows of the new version that owners

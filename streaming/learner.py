@@ -131,8 +131,11 @@ class IncrementalLearner:
         owned_elsewhere = self.settings.item_rows == "owner"
         for e in examples:
             self.users.observe([e.user_id], e.ts_ms)
-            if not owned_elsewhere:  # else the owner counts the uses (admission) from the gradients
-                self.items.observe([e.item_id], e.ts_ms)
+            # With owners too: the table steps its item rows at once, as a single worker does, and the owners' rows
+            # replace them as they come (streaming.item_path). Without that, every batch until the owner's row
+            # arrives would train against a row that lacks this worker's own recent steps: a new item would get the
+            # same gradient, from its default row, many times over.
+            self.items.observe([e.item_id], e.ts_ms)
         live = [e.item_id for e in examples if not e.replay]  # a replayed click was counted when it first came
         if live:
             _count(state=self._state, frequency=self.frequency, item_ids=live)
@@ -173,10 +176,9 @@ class IncrementalLearner:
             return value
         loss.backward()
         self.users.apply_gradients(user_slots, user_leaf.grad.numpy())
+        self.items.apply_gradients(item_slots, item_leaf.grad.numpy())
         if owned_elsewhere:
             self._send_gradients(examples, item_leaf.grad.numpy())
-        else:
-            self.items.apply_gradients(item_slots, item_leaf.grad.numpy())
         self.batches += 1
         self.examples += len(examples)
         return float(loss.detach())

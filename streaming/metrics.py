@@ -64,6 +64,12 @@ class WorkerMetrics:
             "Model versions adopted while running (promotions, rollbacks)",
             registry=r,
         )
+        # user_state = "changelog" (streaming.changelog): the partitions held and the last restore.
+        self.restore_seconds = Gauge(
+            "freshtower_state_restore_seconds",
+            "Time the last move of partitions took (drop, restore from the user-state changelog, reload)",
+            registry=r,
+        )
 
     def count_kafka_error(self, exc: BaseException) -> None:
         self.kafka_errors.labels(type(exc).__name__).inc()

@@ -109,5 +109,7 @@ class ModelSwitch:
         if self.registry is None:
             return
         current = self.registry.current()
-        if current and current != self.model_version:
+        if current and current != self.model_version and self.scaled:
+            self._follow_registry_changelog(current)
+        elif current and current != self.model_version:
             self.switch_model(load_version(self.registry.path(current)))

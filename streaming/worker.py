@@ -29,9 +29,10 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from streaming.consumer import DeadLetterWriter, check_record, subscribe
-from streaming.events import Click, Event, InvalidEvent, Limits
+from streaming.events import Click, Event, InvalidEvent, Item, Limits
 from streaming.examples import Example, ExampleBuilder
 from streaming.item_path import ItemPath
+from streaming.item_rows import partition_of
 from streaming.learner import IncrementalLearner
 from streaming.lifecycle import RetryBudget
 from streaming.merge import TOPIC_RANK, PartitionMerge, Queued, tp_key
@@ -39,6 +40,7 @@ from streaming.metrics import WorkerMetrics
 from streaming.model_switch import ModelSwitch
 from streaming.settings import KafkaSettings
 from streaming.state import StateStore
+from streaming.worker_changelog import ChangelogState
 from streaming.worker_checkpoint import Checkpoints
 from streaming.worker_settings import WorkerSettings
 from trainer.artifact import ModelVersion
@@ -51,7 +53,7 @@ logger = logging.getLogger(__name__)
 _USER_TOPICS = ("users", "impressions", "clicks")
 
 
-class Worker(ModelSwitch, Checkpoints):
+class Worker(ModelSwitch, Checkpoints, ChangelogState):
     """One member of the worker group. ``run`` until ``stop`` is set (or the stream stays idle)."""
 
     def __init__(
@@ -69,7 +71,9 @@ class Worker(ModelSwitch, Checkpoints):
         self.registry = registry
         self.state = StateStore(settings.state_dir, sync=settings.sync)
         meta = self.state.meta()
-        self.builder = ExampleBuilder(settings.examples(), self.state)
+        self.scaled = settings.user_state == "changelog"  # several workers share the partitions (streaming.changelog)
+        self._version = version
+        self.builder = ExampleBuilder(settings.examples(), self.state, scoped=self.scaled)
         # Clicks partitions being replayed after a model switch: apply SGD only, up to these offsets.
         self._replay_until: dict[str, int] = dict(meta.get("replay_until", {}))
         # Clicks partitions a new worker reads from before its model's cutoff: last-N lists only, up to these offsets.
@@ -77,6 +81,11 @@ class Worker(ModelSwitch, Checkpoints):
         # Set while the clicks after a new model's cutoff still have to be re-read (cleared once rewound).
         self._replay_from_ms: int | None = meta.get("replay_from_ms")
         self.model_version = meta.get("model_version") or version.version_id
+        if self.scaled and self.model_version != version.version_id:
+            raise RuntimeError(
+                f"the state in {settings.state_dir} belongs to model {self.model_version}, the registry's current one "
+                f"is {version.version_id}: model switches are not supported with user_state=changelog"
+            )
         if self.model_version != version.version_id:
             # The state was trained against another version (this one was promoted while the worker was down).
             self._reset_tables(version)
@@ -133,12 +142,20 @@ class Worker(ModelSwitch, Checkpoints):
             self.item_path = ItemPath(
                 kafka, f"{settings.group_id}-{settings.member_id()}", meta.get("rows_positions", {})
             )
-            self.item_path.recover(meta.get("item_txn"), self._group)
+            if not self.scaled:  # with a changelog the local state is written after the transaction: nothing to redo
+                self.item_path.recover(meta.get("item_txn"), self._group)
+        if self.scaled:
+            self._init_changelog(meta)
         self._assigned_items = False
         self._update_gauges()
 
     # ------------------------------------------------------------------ partitions
     def _on_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self.scaled:
+            # Restoring takes a while, and this runs on the group member's network thread (no heartbeats meanwhile):
+            # the run loop moves the state before it applies anything (streaming.worker_changelog).
+            self._to_move = set(assigned)
+            return
         for tp in assigned:
             self._track(tp, self._group)
         if any(self._names[tp.topic] == "clicks" for tp in assigned):
@@ -213,7 +230,16 @@ class Worker(ModelSwitch, Checkpoints):
             logger.exception("unexpected error decoding %s[%d]@%d", record.topic, record.partition, record.offset)
             reason = f"internal error while decoding: {type(exc).__name__}: {exc}"
         else:
-            return Queued(record.offset, event.ts_ms, event)
+            if not self.scaled or isinstance(event, Item):
+                return Queued(record.offset, event.ts_ms, event)
+            expected = partition_of(event.user_id, self.event_partitions)
+            if expected == record.partition:
+                return Queued(record.offset, event.ts_ms, event)
+            # Its state would belong to another worker's partition: the topics must be partitioned by user id.
+            reason = (
+                f"user {event.user_id!r} on partition {record.partition}, but Kafka's default partitioner puts it on "
+                f"{expected}: with user_state=changelog, user-keyed topics must be keyed by user id"
+            )
         self._dlq.send(record, reason)
         self.metrics.dead_letters.labels(record.topic).inc()
         return Queued(record.offset, -1, None)
@@ -232,6 +258,7 @@ class Worker(ModelSwitch, Checkpoints):
                 del self._history_until[key]
             if item.event is None:
                 continue
+            self.builder.partition = tp.partition  # (scoped: the partition its state and counters belong to)
             if history_until is not None and item.offset < history_until:
                 if isinstance(item.event, Click):
                     self.builder.remember(item.event)
@@ -272,7 +299,7 @@ class Worker(ModelSwitch, Checkpoints):
         else:
             self.metrics.skipped_steps.inc()
         if self.learner.batches % self.settings.expire_every_batches == 0:
-            self.learner.expire(self.builder.watermark_ms)
+            self.learner.expire(self.builder.expiry_ms)
             self.builder.expire()
 
     # ------------------------------------------------------------------ loop
@@ -313,6 +340,8 @@ class Worker(ModelSwitch, Checkpoints):
                     self._assign_catalogue()
                 # Records ready to apply: take what has arrived without waiting. Waiting on a partition: briefly.
                 fetched = self._fetch(timeout_ms=0 if self.merge.ready() else 50 if self.merge.buffered else 200)
+                if self.scaled and self._to_move is not None:
+                    self._move_state(self._to_move)
                 if not self._group.assignment():
                     continue  # do not apply the catalogue ahead of user partitions that are not assigned yet
                 if self.item_path is not None:

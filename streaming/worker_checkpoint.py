@@ -33,7 +33,10 @@ class Checkpoints:
         Dead letters sent so far are confirmed first: the offsets written below move past their records,
         so a dead letter Kafka has not acknowledged would be lost in a crash. While Kafka is away the
         checkpoint is postponed; a dead letter Kafka refused for good raises (the records are read and
-        dead-lettered again after the restart)."""
+        dead-lettered again after the restart). With ``user_state = "changelog"``: :mod:`streaming.worker_changelog`."""
+        if self.scaled:
+            self._checkpoint_changelog()
+            return
         if not self._dlq.confirm(timeout_s=5):  # raises the send error of a refused dead letter
             logger.warning("%d dead letters not acknowledged yet: checkpoint postponed", self._dlq.unconfirmed)
             return

@@ -55,6 +55,12 @@ class WorkerSettings:
     # "local": this worker trains its item rows itself (one worker per deployment). "owner": it sends its item
     # gradients to the item owners and mirrors their rows (streaming.item_path, docs/scale-out.md).
     item_rows: str = "local"
+    # "local": the user state lives in this worker's RocksDB alone (one worker). "changelog": several workers share
+    # the event partitions; each partition's user state goes to the user-state changelog topic in the checkpoint's
+    # Kafka transaction and moves with the partition (streaming.changelog). Needs item_rows = "owner".
+    user_state: str = "local"
+    # Run the item-owner role (streaming.item_owner) in this process too, beside the worker's own loop.
+    own_items: bool = False
     change_log_checkpoints: int = 10_000
     metrics_port: int = 9101
     metrics_addr: str = "127.0.0.1"
@@ -68,6 +74,12 @@ class WorkerSettings:
     retry_s: float = 120.0
     # A main loop that has not come round for this long (stuck inside a client call) is ended (69). 0: off.
     stall_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.user_state not in ("local", "changelog"):
+            raise ValueError(f"user_state must be 'local' or 'changelog', got {self.user_state!r}")
+        if self.user_state == "changelog" and self.item_rows != "owner":
+            raise ValueError("user_state = 'changelog' needs item_rows = 'owner': item rows must have one owner")
 
     def member_id(self) -> str:
         """Static group membership (KIP-345): a restarted worker takes its partitions back at once instead of
