@@ -1,0 +1,239 @@
+"""The publisher's mirror of a scaled-out worker group, on the real broker: hand-chosen committed, aborted and open
+transactions in ``user-state`` and ``item-rows``, catalogue records in ``items``; what the mirror holds, what the
+publisher publishes from it, a model switch, and a mirror SIGKILLed mid-stream."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from publisher.changelog_source import ChangelogMirror, MirrorStep
+from streaming.events import Item, UserProfile, encode
+from streaming.item_rows import MODEL_HEADER
+from streaming.producer import EventProducer
+from streaming.settings import KafkaSettings
+from streaming.sources.synthetic import WorldConfig
+from streaming.state import StateStore
+from streaming.tables import ROW_HEADER
+from streaming.topics import SCALE_OUT_TOPICS, USER_STATE_TOPIC, ensure_topics
+
+REPO = Path(__file__).resolve().parents[1]
+DIM = 16  # the fixture model's id_dim
+WORLD = WorldConfig(seed=5, n_users=60, n_items=80, days=2.0, requests_per_day=300, new_items_per_day=10)
+
+
+def row(last_seen_ms: int, updates: int, base: float) -> bytes:
+    """An online row as a worker stores it: the ``<qqf`` header, then ``float32[DIM]`` = base, base + 0.25, ..."""
+    vector = base + 0.25 * np.arange(DIM, dtype=np.float32)
+    return ROW_HEADER.pack(last_seen_ms, updates, 0.5) + vector.astype("<f4").tobytes()
+
+
+def vector(base: float) -> np.ndarray:
+    return (base + 0.25 * np.arange(DIM, dtype=np.float32)).astype(np.float32)
+
+
+def count(n: int) -> bytes:
+    return np.array([n], dtype="<i8").tobytes()
+
+
+class Writer:
+    """A transactional producer, as a worker or item owner holds one: records go to a chosen partition with the
+    model version in the ``model`` header."""
+
+    def __init__(self, settings: KafkaSettings, name: str) -> None:
+        self.settings = settings
+        self.producer = KafkaProducer(
+            **settings.producer_config(), transactional_id=f"{settings.topic_prefix}{name}", enable_idempotence=True
+        )
+        self.producer.init_transactions()
+
+    def transaction(self, records: list[tuple[str, int, bytes, bytes | None, str]], *, commit: bool = True) -> None:
+        """``(topic, partition, key, value, model version)`` records in one transaction, committed or aborted."""
+        self.producer.begin_transaction()
+        self.send(records)
+        if commit:
+            self.producer.commit_transaction()
+        else:
+            self.producer.abort_transaction()
+
+    def send(self, records: list[tuple[str, int, bytes, bytes | None, str]]) -> None:
+        for topic, partition, key, value, model in records:
+            headers = [(MODEL_HEADER, model.encode())]
+            self.producer.send(self.settings.topic(topic), key=key, value=value, partition=partition, headers=headers)
+        self.producer.flush()
+
+    def close(self) -> None:
+        self.producer.close(timeout=5)
+
+
+def secondary(path: Path) -> StateStore:
+    """The mirror's state read as a RocksDB secondary (beside the mirror that holds it open)."""
+    return StateStore(path, secondary=tempfile.mkdtemp(prefix="mirror-secondary-"))
+
+
+def durable(path: Path) -> tuple[dict[bytes, bytes], dict[str, int], dict]:
+    """A mirror's keys (its own ``m:`` and ``x:`` keys left out), read positions and meta."""
+    store = secondary(path)
+    try:
+        keys = {k: v for k, v in store.scan(b"") if not k.startswith((b"m:", b"x:"))}
+        return keys, store.offsets(), store.meta()
+    finally:
+        store.close()
+
+
+def change_log(path: Path) -> dict[int, set[str]]:
+    """checkpoint -> its change-log entries ``u:<id>`` / ``i:<id>``."""
+    store = secondary(path)
+    try:
+        out: dict[int, set[str]] = {}
+        for key, _ in store.scan(b"x:"):
+            out.setdefault(int(key[2:18], 16), set()).add(key[19:].decode())
+        return out
+    finally:
+        store.close()
+
+
+def end_offsets(settings: KafkaSettings, topics: tuple[str, ...]) -> dict[str, int]:
+    """High watermarks of every partition of ``topics``, as ``{"topic:partition": offset}``."""
+    consumer = KafkaConsumer(**settings.client_config())
+    try:
+        tps = [
+            TopicPartition(settings.topic(t), p)
+            for t in topics
+            for p in consumer.partitions_for_topic(settings.topic(t))
+        ]
+        return {f"{tp.topic}:{tp.partition}": offset for tp, offset in consumer.end_offsets(tps).items()}
+    finally:
+        consumer.close()
+
+
+ITEMS = [
+    Item("i1", "news", ("a",), {"ctr": 0.1}, 1_000, 3_000),
+    Item("i2", "sport", ("b",), {"ctr": 0.2}, 1_000, 3_500),
+    Item("i3", "news", (), {}, 1_000, 4_000),
+]
+PROFILE = UserProfile("u1", discrete={"city": "x"}, ts_ms=900)
+
+
+def first_records(settings: KafkaSettings) -> Writer:
+    """Committed, aborted and (left open) transactions; the open one's writer is returned to end it later."""
+    ensure_topics(settings, names=SCALE_OUT_TOPICS)
+    worker0, worker1, worker2, owner = (Writer(settings, n) for n in ("w0", "w1", "w2", "owner"))
+    worker0.transaction(
+        [
+            (USER_STATE_TOPIC, 0, b"t:user:u1", row(1_000, 2, 1.0), "v1"),
+            (USER_STATE_TOPIC, 0, b"n:u1", json.dumps(["i1", "i2"]).encode(), "v1"),
+            (USER_STATE_TOPIC, 0, b"na:u1", count(5_000), "v1"),
+            (USER_STATE_TOPIC, 0, b"prof:u1", encode(PROFILE), "v1"),
+            (USER_STATE_TOPIC, 0, b"c@0:i1", count(3), "v1"),
+            (USER_STATE_TOPIC, 0, b"e@0:i1", count(7), "v1"),
+            (USER_STATE_TOPIC, 1, b"c@1:i1", count(4), "v1"),
+            (USER_STATE_TOPIC, 1, b"c@1:i2", count(5), "v1"),
+            (USER_STATE_TOPIC, 1, b"t:user:u2", row(1_500, 1, 2.0), "v0"),  # another model version: skipped
+            (USER_STATE_TOPIC, 2, b"t:user:u3", row(4_500, 1, 3.0), "v1"),
+            (USER_STATE_TOPIC, 2, b"p:user:u4", b"\x01\x02", "v1"),
+            (USER_STATE_TOPIC, 3, b"m:meta", b"{}", "v1"),  # the mirror's own key: skipped
+            (USER_STATE_TOPIC, 3, b"s@3", b'{"clicks": 9}', "v1"),
+        ]
+    )
+    worker1.transaction(
+        [
+            (USER_STATE_TOPIC, 0, b"n:u1", json.dumps(["i9"]).encode(), "v1"),
+            (USER_STATE_TOPIC, 1, b"t:user:u5", row(9_000, 1, 5.0), "v1"),
+        ],
+        commit=False,
+    )
+    owner.transaction(
+        [
+            ("item-rows", 0, b"t:item:i1", row(2_000, 1, 0.5), "v1"),
+            ("item-rows", 1, b"t:item:i2", row(2_000, 1, 0.75), "v0"),  # another model version: skipped
+            ("item-rows", 2, b"p:item:i3", count(1), "v1"),
+        ]
+    )
+    owner.close()
+    with EventProducer(settings) as producer:
+        producer.send_all(ITEMS)
+    worker2.producer.begin_transaction()
+    worker2.send([(USER_STATE_TOPIC, 3, b"n:u9", json.dumps(["i3"]).encode(), "v1")])  # open: not visible yet
+    worker0.close()
+    worker1.close()
+    return worker2
+
+
+FIRST = {
+    b"t:user:u1": row(1_000, 2, 1.0),
+    b"n:u1": b'["i1", "i2"]',
+    b"na:u1": count(5_000),
+    b"prof:u1": encode(PROFILE),
+    b"c@0:i1": count(3),
+    b"e@0:i1": count(7),
+    b"c@1:i1": count(4),
+    b"c@1:i2": count(5),
+    b"c:i1": count(3 + 4),
+    b"c:i2": count(5),
+    b"e:i1": count(7),
+    b"t:user:u3": row(4_500, 1, 3.0),
+    b"p:user:u4": b"\x01\x02",
+    b"s@3": b'{"clicks": 9}',
+    b"t:item:i1": row(2_000, 1, 0.5),
+    b"p:item:i3": count(1),
+    **{b"cat:" + item.item_id.encode(): encode(item) for item in ITEMS},
+}
+
+
+@pytest.mark.kafka
+def test_the_mirror_holds_exactly_what_was_committed(kafka_settings: KafkaSettings, tmp_path: Path) -> None:
+    open_txn = first_records(kafka_settings)
+    state = tmp_path / "mirror"
+    mirror = ChangelogMirror(kafka_settings, state, model_version="v1", step_timeout_s=20)
+    try:
+        step = mirror.step()
+        # 11 + 2 committed state records and 3 catalogue records; 3 skipped (u2 and i2 of v0, m:meta); u5 and the
+        # second n:u1 aborted, n:u9 open. Users changed: u1, u3; items: i1 (row, record), i2 and i3 (records).
+        assert step == MirrorStep(checkpoint=1, applied=16, skipped=3, users=2, items=3, caught_up=True)
+        keys, offsets, meta = durable(state)
+        assert keys == FIRST
+        assert meta == {"checkpoints": 1, "model_version": "v1", "watermark_ms": 5_000, "replay_until": {}}
+        # Every partition is read to its end but user-state 3, which stops before the open transaction's record.
+        ends = end_offsets(kafka_settings, ("user-state", "item-rows", "items"))
+        assert offsets == {**ends, kafka_settings.topic("user-state:3"): ends[kafka_settings.topic("user-state:3")] - 1}
+        assert change_log(state) == {1: {"u:u1", "u:u3", "i:i1", "i:i2", "i:i3"}}
+
+        open_txn.producer.commit_transaction()
+        open_txn.close()
+        worker = Writer(kafka_settings, "w0")
+        worker.transaction(
+            [
+                (USER_STATE_TOPIC, 2, b"t:user:u3", None, "v1"),  # a tombstone deletes
+                (USER_STATE_TOPIC, 2, b"c@2:i1", count(10), "v1"),
+                (USER_STATE_TOPIC, 1, b"c@1:i2", None, "v1"),  # i2's only counter: c:i2 goes too
+                (USER_STATE_TOPIC, 0, b"t:user:u1", row(8_000, 3, 9.0), "v0"),  # skipped: u1 keeps its v1 row
+            ]
+        )
+        Writer(kafka_settings, "owner").transaction([("item-rows", 1, b"t:item:i2", row(6_000, 2, 0.25), "v1")])
+        worker.close()
+        tombstone = KafkaProducer(**kafka_settings.producer_config())
+        tombstone.send(kafka_settings.topic("items"), key=b"i3", value=None)  # the catalogue forgets i3
+        tombstone.close()
+        assert mirror.step() == MirrorStep(checkpoint=2, applied=6, skipped=1, users=2, items=2, caught_up=True)
+        keys, offsets, meta = durable(state)
+        expected = {k: v for k, v in FIRST.items() if k not in (b"t:user:u3", b"c@1:i2", b"c:i2", b"cat:i3")}
+        expected |= {
+            b"n:u9": b'["i3"]',
+            b"c@2:i1": count(10),
+            b"c:i1": count(3 + 4 + 10),
+            b"t:item:i2": row(6_000, 2, 0.25),
+        }
+        assert keys == expected
+        assert meta["checkpoints"] == 2 and meta["watermark_ms"] == 6_000  # i2's row was last seen at 6,000
+        assert offsets == end_offsets(kafka_settings, ("user-state", "item-rows", "items"))
+        assert change_log(state)[2] == {"u:u9", "u:u3", "i:i2", "i:i3"}
+        # Nothing new: no checkpoint.
+        assert mirror.step() == MirrorStep(checkpoint=2, applied=0, skipped=0, users=0, items=0, caught_up=True)
+    finally:
+        mirror.close()
