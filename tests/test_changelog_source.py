@@ -10,9 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from publisher.changelog_source import ChangelogMirror, MirrorStep
+from publisher.changelog_source import ChangelogMirror, ChangelogSource, MirrorStep
+from publisher.publish import Publisher
+from publisher.settings import PublisherSettings
+from publisher.store import RocksStore
 from streaming.events import Item, UserProfile, encode
 from streaming.item_rows import MODEL_HEADER
 from streaming.producer import EventProducer
@@ -21,6 +25,8 @@ from streaming.sources.synthetic import WorldConfig
 from streaming.state import StateStore
 from streaming.tables import ROW_HEADER
 from streaming.topics import SCALE_OUT_TOPICS, USER_STATE_TOPIC, ensure_topics
+from tests.worker_fixtures import promote_second_version, register_model, split_world
+from trainer.artifact import ModelVersion, load_version
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 16  # the fixture model's id_dim
@@ -237,3 +243,67 @@ def test_the_mirror_holds_exactly_what_was_committed(kafka_settings: KafkaSettin
         assert mirror.step() == MirrorStep(checkpoint=2, applied=0, skipped=0, users=0, items=0, caught_up=True)
     finally:
         mirror.close()
+
+
+def item_vector(version: ModelVersion, item: Item | None, item_id: str, id_row: np.ndarray) -> np.ndarray:
+    """The serving vector of one item: the item tower on its catalogue record (default features without one)."""
+    with torch.no_grad():
+        batch = version.encoder.encode_items([item_id], {item_id: item} if item else {})
+        return version.model.item_tower(batch, id_rows=torch.from_numpy(id_row[None, :])).numpy()[0]
+
+
+def model_row(version: ModelVersion, tower: str, ident: str) -> np.ndarray:
+    """The model's own ID row of ``ident`` (row 0 for an id it does not know)."""
+    vocab = version.encoder.user_vocab if tower == "user" else version.encoder.item_vocab
+    table = (version.model.user_tower if tower == "user" else version.model.item_tower).id_table
+    return table.weight[vocab.index(ident)].detach().numpy()
+
+
+@pytest.mark.kafka
+def test_the_publisher_publishes_the_mirror_and_follows_the_registry_to_a_new_model(
+    kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    _, day_one, _ = split_world(WORLD)
+    models = tmp_path / "models"
+    registry = register_model(models, day_one)
+    v1 = load_version(registry.path("v1"))
+    open_txn = first_records(kafka_settings)
+    open_txn.producer.commit_transaction()
+    open_txn.close()
+    # Rows of the next model, written before the registry promotes it: skipped now, read again at the switch.
+    early = Writer(kafka_settings, "w3")
+    early.transaction([(USER_STATE_TOPIC, 0, b"t:user:u1", row(7_000, 1, 7.0), "v2")])
+    early.close()
+    settings = PublisherSettings(store_path=tmp_path / "kv", interval_s=1.0, index_kind="none")
+    mirror = ChangelogMirror(kafka_settings, tmp_path / "mirror", models_dir=models, step_timeout_s=20)
+    with ChangelogSource(mirror, models) as source, RocksStore(settings.store_path, sync=False) as store:
+        publisher = Publisher(store, source, settings)
+        meta = publisher.publish_once().meta
+        assert (meta.version, meta.model_version, meta.watermark_ms) == (1, "v1", 5_000)
+        with store.reader() as view:
+            assert sorted(view.user_ids()) == ["u1", "u3", "u9"]  # an online row or a last-N list
+            assert sorted(view.item_ids()) == ["i1", "i2", "i3"]  # an online row or a catalogue record
+            np.testing.assert_array_equal(view.user("u1").vector, vector(1.0))
+            assert view.user("u1").last_n == ("i1", "i2")
+            np.testing.assert_array_equal(view.user("u3").vector, vector(3.0))
+            np.testing.assert_array_equal(view.user("u9").vector, model_row(v1, "user", "u9"))
+            assert view.user("u9").last_n == ("i3",)
+            expected = item_vector(v1, ITEMS[0], "i1", vector(0.5))
+            np.testing.assert_allclose(view.item("i1").vector, expected, rtol=0, atol=1e-6)
+            expected = item_vector(v1, ITEMS[2], "i3", model_row(v1, "item", "i3"))  # p:item:i3 is no row
+            np.testing.assert_allclose(view.item("i3").vector, expected, rtol=0, atol=1e-6)
+
+        promote_second_version(registry, day_one, int(max(e.ts_ms for e in day_one)) + 1)
+        v2 = load_version(registry.path("v2"))
+        meta = publisher.publish_once().meta
+        assert (meta.version, meta.model_version) == (2, "v2")
+        with store.reader() as view:
+            np.testing.assert_array_equal(view.user("u1").vector, vector(7.0))  # the early v2 row, by the replay
+            assert view.user("u1").last_n == ("i1", "i2")  # the stream's keys carry over
+            np.testing.assert_array_equal(view.user("u3").vector, model_row(v2, "user", "u3"))  # its v1 row dropped
+            expected = item_vector(v2, ITEMS[0], "i1", model_row(v2, "item", "i1"))
+            np.testing.assert_allclose(view.item("i1").vector, expected, rtol=0, atol=1e-6)
+    keys, _, meta = durable(tmp_path / "mirror")
+    assert {k for k in keys if k.startswith((b"t:", b"p:"))} == {b"t:user:u1"}
+    assert keys[b"n:u1"] == FIRST[b"n:u1"] and keys[b"c:i1"] == count(7) and b"cat:i3" in keys
+    assert (meta["checkpoints"], meta["model_version"], meta["replay_until"]) == (2, "v2", {})
