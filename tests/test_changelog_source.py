@@ -5,7 +5,13 @@ publisher publishes from it, a model switch, and a mirror SIGKILLed mid-stream."
 from __future__ import annotations
 
 import json
+import random
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -307,3 +313,119 @@ def test_the_publisher_publishes_the_mirror_and_follows_the_registry_to_a_new_mo
     assert {k for k in keys if k.startswith((b"t:", b"p:"))} == {b"t:user:u1"}
     assert keys[b"n:u1"] == FIRST[b"n:u1"] and keys[b"c:i1"] == count(7) and b"cat:i3" in keys
     assert (meta["checkpoints"], meta["model_version"], meta["replay_until"]) == (2, "v2", {})
+
+
+MIRROR_SCRIPT = """
+import sys
+from publisher.changelog_source import ChangelogMirror
+from streaming.settings import KafkaSettings
+
+kafka = KafkaSettings(bootstrap_servers=sys.argv[1], topic_prefix=sys.argv[2])
+mirror = ChangelogMirror(kafka, sys.argv[3], model_version="v1")
+while True:
+    print("step", mirror.step().checkpoint, flush=True)
+"""
+
+
+def random_transactions(settings: KafkaSettings, stop: threading.Event, committed: list[list[tuple]]) -> None:
+    """Transactions of random records, each key always on one partition, about one in six aborted, until ``stop``;
+    the committed ones are appended to ``committed`` in the order they committed."""
+    rng = random.Random(11)
+    writer = Writer(settings, "w-random")
+    ts = 10_000
+    while not stop.is_set():
+        records = []
+        for _ in range(rng.randint(3, 12)):
+            ts += rng.randint(1, 50)
+            u, i, p = rng.randrange(20), rng.randrange(12), rng.randrange(4)
+            kind = rng.random()
+            if kind < 0.3:
+                value = None if rng.random() < 0.15 else row(ts, rng.randint(1, 9), rng.random())
+                model = "v0" if rng.random() < 0.1 else "v1"
+                records.append((USER_STATE_TOPIC, u % 4, b"t:user:u%d" % u, value, model))
+            elif kind < 0.5:
+                records.append((USER_STATE_TOPIC, u % 4, b"n:u%d" % u, json.dumps([f"i{i}", f"i{ts}"]).encode(), "v1"))
+                records.append((USER_STATE_TOPIC, u % 4, b"na:u%d" % u, count(ts), "v1"))
+            elif kind < 0.8:
+                value = None if rng.random() < 0.1 else count(rng.randint(1, 100))
+                records.append((USER_STATE_TOPIC, p, b"c@%d:i%d" % (p, i), value, "v1"))
+            else:
+                value = None if rng.random() < 0.1 else row(ts, rng.randint(1, 9), rng.random())
+                records.append(("item-rows", i % 4, b"t:item:i%d" % i, value, "v1"))
+        commit = rng.random() > 1 / 6
+        writer.transaction(records, commit=commit)
+        if commit:
+            committed.append(records)
+        time.sleep(0.01)
+    writer.close()
+
+
+def expected_state(committed: list[list[tuple]]) -> tuple[dict[bytes, bytes], int]:
+    """What a mirror of ``v1`` holds after ``committed`` (each key lives on one partition, so the last committed
+    value wins), with the ``c:`` sums; and its watermark."""
+    state: dict[bytes, bytes] = {}
+    watermark = 0
+    for records in committed:
+        for _, _, key, value, model in records:
+            if key.startswith(b"t:") and model != "v1":
+                continue
+            if value is None:
+                state.pop(key, None)
+                continue
+            state[key] = value
+            if key.startswith(b"t:"):
+                watermark = max(watermark, ROW_HEADER.unpack_from(value)[0])
+            elif key.startswith(b"na:"):
+                watermark = max(watermark, int(np.frombuffer(value, dtype="<i8")[0]))
+    totals: dict[bytes, int] = {}
+    for key, value in state.items():
+        if key.startswith(b"c@"):
+            item = key.partition(b":")[2]
+            totals[item] = totals.get(item, 0) + int(np.frombuffer(value, dtype="<i8")[0])
+    return state | {b"c:" + item: count(n) for item, n in totals.items()}, watermark
+
+
+def mirror_to_end(settings: KafkaSettings, path: Path) -> None:
+    """Step a mirror of ``v1`` at ``path`` until it has read every partition to its end."""
+    ends = end_offsets(settings, ("user-state", "item-rows", "items"))
+    mirror = ChangelogMirror(settings, path, model_version="v1", step_timeout_s=20)
+    try:
+        deadline = time.monotonic() + 60
+        while mirror.positions() != ends:
+            assert time.monotonic() < deadline, f"the mirror stopped at {mirror.positions()}, the ends are {ends}"
+            mirror.step()
+    finally:
+        mirror.close()
+
+
+@pytest.mark.kafka
+def test_a_mirror_killed_mid_stream_ends_with_the_state_of_an_uninterrupted_one(
+    kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    ensure_topics(kafka_settings, names=SCALE_OUT_TOPICS)
+    stop, committed = threading.Event(), []
+    producer = threading.Thread(target=random_transactions, args=(kafka_settings, stop, committed))
+    producer.start()
+    killed = tmp_path / "killed"
+    args = [sys.executable, "-c", MIRROR_SCRIPT, kafka_settings.bootstrap_servers, kafka_settings.topic_prefix]
+    rng = random.Random(5)
+    steps_seen = []
+    try:
+        for _ in range(3):
+            proc = subprocess.Popen([*args, str(killed)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+            first = proc.stdout.readline()  # the first step is done: kill in the middle of the ones after it
+            assert first.startswith("step"), first
+            time.sleep(rng.uniform(0.2, 1.5))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+            steps_seen.append(int(first.split()[1]))
+    finally:
+        stop.set()
+        producer.join(timeout=60)
+    assert steps_seen[0] >= 1 and steps_seen[-1] > steps_seen[0], steps_seen  # each life went on from the last
+    mirror_to_end(kafka_settings, killed)
+    mirror_to_end(kafka_settings, tmp_path / "uninterrupted")
+    keys, offsets, meta = durable(killed)
+    expected, watermark = expected_state(committed)
+    assert len(committed) > 20 and keys == expected and meta["watermark_ms"] == watermark
+    assert (keys, offsets) == durable(tmp_path / "uninterrupted")[:2]
