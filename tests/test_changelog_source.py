@@ -429,3 +429,36 @@ def test_a_mirror_killed_mid_stream_ends_with_the_state_of_an_uninterrupted_one(
     expected, watermark = expected_state(committed)
     assert len(committed) > 20 and keys == expected and meta["watermark_ms"] == watermark
     assert (keys, offsets) == durable(tmp_path / "uninterrupted")[:2]
+
+
+@pytest.mark.kafka
+def test_publisher_run_source_changelog_follows_kafka_and_publishes(
+    kafka_settings: KafkaSettings, tmp_path: Path
+) -> None:
+    _, day_one, _ = split_world(WORLD)
+    register_model(tmp_path / "models", day_one)
+    first_records(kafka_settings).close()  # its transaction left open: n:u9 is not published
+    cmd = [sys.executable, "-m", "publisher", "run", "--source", "changelog", "--mirror-state", str(tmp_path / "m")]
+    cmd += ["--models", str(tmp_path / "models"), "--store", str(tmp_path / "kv"), "--interval", "1"]
+    cmd += ["--bootstrap", kafka_settings.bootstrap_servers, "--topic-prefix", kafka_settings.topic_prefix]
+    proc = subprocess.Popen(
+        [*cmd, "--metrics-port", "0", "--index", "none"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "published version 1" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=30) == 0 and any("published version 1" in line for line in lines), "".join(lines)
+    with RocksStore(tmp_path / "kv") as store, store.reader() as view:
+        meta = view.meta()
+        assert (meta.model_version, meta.watermark_ms) == ("v1", 5_000)
+        assert sorted(view.user_ids()) == ["u1", "u3"] and sorted(view.item_ids()) == ["i1", "i2", "i3"]
+        np.testing.assert_array_equal(view.user("u1").vector, vector(1.0))
+        assert view.user("u1").last_n == ("i1", "i2")
