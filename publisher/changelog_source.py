@@ -1,42 +1,32 @@
 """The state of a scaled-out worker group as one worker-shaped RocksDB: what a single publisher publishes from.
 
-With several workers no process holds every user's state. Each worker writes the changes of its user-keyed
-state, in Kafka transactions, to its partitions of the compacted ``user-state`` topic; the item owners write the
-item rows to ``item-rows`` (:mod:`streaming.item_rows`); the catalogue is the ``items`` topic.
-:class:`ChangelogMirror` follows all three, every partition, no consumer group, ``isolation_level=read_committed``,
-into a local RocksDB laid out as a worker's :class:`~streaming.state.StateStore`. So
-:class:`~publisher.worker_source.WorkerSource` publishes from it unchanged (:class:`ChangelogSource`), and serving
-can point ``--worker-state`` at it for profiles and click counts.
+With several workers no process holds every user's state. Each worker writes its user-keyed state changes, in
+Kafka transactions, to its partitions of the compacted ``user-state`` topic; item owners write item rows to
+``item-rows`` (:mod:`streaming.item_rows`); the catalogue is ``items``. :class:`ChangelogMirror` follows all three
+(every partition, no consumer group, ``read_committed``) into a local RocksDB laid out as a worker's
+:class:`~streaming.state.StateStore`, so :class:`~publisher.worker_source.WorkerSource` publishes from it unchanged
+(:class:`ChangelogSource`) and serving can read profiles and click counts from it (``--worker-state``).
 
-One :meth:`ChangelogMirror.step` takes the last stable offset of every partition (below it every transaction is
-decided) as its targets, reads up to them and no further, and writes ONE checkpoint: the changed keys, the change
-log ``x:<seq>:u:<id>`` / ``x:<seq>:i:<id>`` that WorkerSource reads, the read positions and ``m:meta``. RocksDB
-applies the batch whole or not at all, so after a SIGKILL at any moment the state is the last step's with the
-positions it covers, and the next life reads on from them: nothing lost, nothing applied twice. A published
-version holds everything committed below one step's targets, of every worker and item owner together. Kafka has no
-snapshot across partitions: a transaction whose markers had reached only some partitions when a step took its
-targets is seen in part, its rest with the next step.
+A :meth:`~ChangelogMirror.step` reads up to the last stable offsets of the moment it starts (below them every
+transaction is decided), no further, and writes ONE checkpoint: the changed keys, the change log
+``x:<seq>:u:<id>`` / ``x:<seq>:i:<id>`` that WorkerSource reads, the read positions and ``m:meta``. RocksDB applies
+the batch whole or not at all, so after a SIGKILL the next life reads on from the last step's positions: nothing
+lost, nothing applied twice. Kafka has no snapshot across partitions: a transaction whose markers had reached only
+some partitions when a step started is seen in part, its rest with the next step.
 
-Keys, as they are in the records (a tombstone deletes the key):
+Keys are the records' own (a tombstone deletes). Model rows (``t:user:``, ``p:user:``, ``t:item:``, ``p:item:``) are
+kept only when the ``model`` header names the mirrored version; the stream's keys (``n:``, ``na:``, ``prof:``,
+``j:``, ``k:``, ``c@``, ``e@``, ``s@``) whatever it says, since a worker carries them over a model switch
+(:mod:`streaming.model_switch`); any other key is skipped (a worker's ``m:`` or ``x:`` would overwrite the
+mirror's). ``c:<item>`` / ``e:<item>`` are written as the sums over partitions of ``c@<p>:<item>`` / ``e@<p>:<item>``,
+the totals a single worker keeps; ``cat:<item>`` holds an ``items`` record validated and stored as a worker does.
 
-- model rows, ``t:user:`` / ``p:user:`` (``user-state``) and ``t:item:`` / ``p:item:`` (``item-rows``): kept only
-  when the record's ``model`` header names the mirrored version, tombstones included;
-- the stream's state, ``n:``, ``na:``, ``prof:``, ``j:``, ``k:``, ``c@``, ``e@``, ``s@`` (``user-state``): kept
-  whatever the header, since a worker carries it over a model switch (:mod:`streaming.model_switch`);
-- ``c:<item>`` / ``e:<item>``: the sums over partitions of ``c@<partition>:<item>`` / ``e@...`` (``<q``), the
-  totals a single worker keeps (:mod:`serving.worker_records` reads ``c:``);
-- ``cat:<item>``: an ``items`` record, validated as a worker validates it, stored as the worker's RecordStore does.
-
-Any other key is skipped and counted (a worker's own ``m:`` or ``x:`` keys would overwrite the mirror's).
-
-The mirrored model version is the registry's current one, read at every step (or one fixed by the caller). When it
-changes, every ``t:`` and ``p:`` key is dropped and ``user-state`` and ``item-rows`` are read again from their
-start, for the new version's rows only, up to the positions already read (``replay_until`` in the meta; the
-stream's keys are current already), as a worker re-reads ``item-rows`` at its switch. Until a worker has switched
-too, its users are published with the new model's own rows, as that worker publishes them right after its switch.
-
-The watermark is the newest event time mirrored: ``na:`` activity times (the writer's watermark at a user's last
-click), the kept rows' ``last_seen_ms`` and the catalogue records' ``ts_ms``; it never goes back.
+The mirrored version is the registry's current one, read at every step (or one fixed by the caller). When it
+changes, every ``t:`` and ``p:`` key is dropped and ``user-state`` and ``item-rows`` are read again from their start
+for the new version's rows, up to the positions already read (``replay_until``), as a worker re-reads ``item-rows``
+at its switch. A worker that has not switched yet has its users published with the new model's own rows, as it
+would publish them right after its own switch. The watermark is the newest event time mirrored (``na:`` activity
+times, kept rows' ``last_seen_ms``, catalogue ``ts_ms``) and never goes back.
 """
 
 from __future__ import annotations
@@ -50,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 
 from publisher.source import Changes
 from publisher.worker_source import WorkerSource
@@ -135,33 +126,48 @@ class ChangelogMirror:
         ]
         self._user_partitions = sum(1 for tp in self._tps if self._names[tp.topic] == USER_STATE_TOPIC)
         self._consumer.assign(self._tps)
+        self._start = self._consumer.beginning_offsets(self._tps)
         self.state = StateStore(self.state_dir, sync=sync)
-        stored = self.state.offsets()
-        meta = self.state.meta()
-        self._seq = int(meta.get("checkpoints", 0))
-        self._version: str | None = meta.get("model_version")
-        self._watermark_ms = int(meta.get("watermark_ms", 0))
-        self._replay: dict[str, int] = dict(meta.get("replay_until", {}))
-        beginning = self._consumer.beginning_offsets(self._tps)
-        self._start = beginning
-        self._positions = {tp: max(stored.get(tp_key(tp), 0), beginning[tp]) for tp in self._tps}
-        for tp in self._tps:
-            self._consumer.seek(tp, self._positions[tp])
+        self._load()
         # What the step in progress changed: change-log kind -> ids, per-partition counters, record counts.
         self._changed: dict[bytes, set[bytes]] = {b"u:": set(), b"i:": set()}
         self._counts: set[bytes] = set()
         self._applied = self._skipped = 0
 
+    def _load(self) -> None:
+        """Take up the last checkpoint: its positions (the consumer seeks to them), model version, watermark."""
+        stored, meta = self.state.offsets(), self.state.meta()
+        self._seq = int(meta.get("checkpoints", 0))
+        self._version: str | None = meta.get("model_version")
+        self._watermark_ms = int(meta.get("watermark_ms", 0))
+        self._replay: dict[str, int] = dict(meta.get("replay_until", {}))
+        self._positions = {tp: max(stored.get(tp_key(tp), 0), self._start[tp]) for tp in self._tps}
+        for tp in self._tps:
+            self._consumer.seek(tp, self._positions[tp])
+
     # ------------------------------------------------------------------ one step
     def step(self) -> MirrorStep:
         """Read what is committed below the last stable offsets as of now, then write one checkpoint (none when
-        nothing changed). Raises RuntimeError while the registry has no promoted version."""
+        nothing changed). Raises RuntimeError while the registry has no promoted version. A step that raises
+        leaves nothing behind: the next one starts again from the last checkpoint."""
         version = self._fixed if self._registry is None else self._registry.current()
         if version is None:
             raise RuntimeError(f"no promoted model version in {self._registry.root}: nothing to mirror yet")
-        self._changed: dict[bytes, set[bytes]] = {b"u:": set(), b"i:": set()}
-        self._counts: set[bytes] = set()
+        self._changed = {b"u:": set(), b"i:": set()}
+        self._counts = set()
         self._applied = self._skipped = 0
+        try:
+            caught_up = self._read(version)
+        except BaseException:
+            self.state.discard()
+            self._load()
+            raise
+        users, items = len(self._changed[b"u:"]), len(self._changed[b"i:"])
+        logger.debug("mirror step %d: %d records applied, %d skipped", self._seq, self._applied, self._skipped)
+        return MirrorStep(self._seq, self._applied, self._skipped, users, items, caught_up)
+
+    def _read(self, version: str) -> bool:
+        """The body of :meth:`step`; whether every partition reached its target."""
         before = dict(self._positions)
         if version != self._version:
             self._switch(version)
@@ -180,13 +186,12 @@ class ChangelogMirror:
                 self._consumer.seek(tp, targets[tp])  # records past the target wait for the next step
             self._positions[tp] = max(self._positions[tp], min(position, targets[tp]))
             caught_up &= self._positions[tp] >= targets[tp]
-        self._replay = {k: v for k, v in self._replay.items() if self._positions.get(self._tp(k), v) < v}
+        positions = self.positions()
+        self._replay = {k: v for k, v in self._replay.items() if positions.get(k, v) < v}  # replays done
         self._sum_counts()
         if self.state.pending or self._positions != before:
             self._checkpoint()
-        users, items = len(self._changed[b"u:"]), len(self._changed[b"i:"])
-        logger.debug("mirror step %d: %d records applied, %d skipped", self._seq, self._applied, self._skipped)
-        return MirrorStep(self._seq, self._applied, self._skipped, users, items, caught_up)
+        return caught_up
 
     def positions(self) -> dict[str, int]:
         """``{"topic:partition": next offset to read}`` as of the last step."""
@@ -199,7 +204,7 @@ class ChangelogMirror:
             self.state.close()
 
     # ------------------------------------------------------------------ records
-    def _apply(self, tp: TopicPartition, record) -> None:
+    def _apply(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         name, key, value = self._names[tp.topic], record.key or b"", record.value
         if name == _ITEMS:
             self._catalogue(tp, key, value)
@@ -290,10 +295,6 @@ class ChangelogMirror:
             "replay_until": self._replay,
         }
         self.state.checkpoint(self.positions(), meta)
-
-    def _tp(self, key: str) -> TopicPartition:
-        topic, _, partition = key.rpartition(":")
-        return TopicPartition(topic, int(partition))
 
 
 class ChangelogSource:
