@@ -2,6 +2,8 @@
 
   run --source worker           publish the streaming worker's state (--worker-state, --models; read as a
                                 RocksDB secondary, beside the running worker)
+  run --source changelog        publish a scaled-out worker group: follow its user-state, item-rows and items
+                                topics into --mirror-state, one mirror step per publish (--models)
   run --source MODULE:FACTORY   publish from a ChangeSource built by FACTORY(settings)
   simulate                      publish from synthetic users whose vectors random-walk (event time = now)
   replica                       materialise the fan-out topic into a local store
@@ -36,6 +38,7 @@ from streaming.lifecycle import ProcessGuard, run_main, setup_logging
 from streaming.settings import KafkaSettings, load_settings
 
 if TYPE_CHECKING:  # imported when used: it brings torch and the model, which the other commands do not need
+    from publisher.changelog_source import ChangelogSource
     from publisher.worker_source import WorkerSource
 
 __all__ = ["build_parser", "main"]
@@ -109,18 +112,46 @@ def _worker_source(args: argparse.Namespace) -> WorkerSource:
     return WorkerSource(worker.state_dir, worker.models_dir, change_log_checkpoints=worker.change_log_checkpoints)
 
 
+def _changelog_source(args: argparse.Namespace) -> ChangelogSource:
+    """A :class:`ChangelogSource` mirroring the group's topics into ``--mirror-state``, models where the workers'
+    settings put them (``[worker]`` ``models_dir``, or ``--models``)."""
+    from publisher.changelog_source import ChangelogMirror, ChangelogSource
+    from streaming.worker_settings import WorkerSettings
+
+    if args.mirror_state is None:
+        raise SystemExit("--source changelog needs --mirror-state (the mirror's RocksDB directory)")
+    worker = load_settings(WorkerSettings, section="worker", config=args.config, overrides={"models_dir": args.models})
+    kafka = _kafka(args)
+    logger.info(
+        "mirroring %s* into %s and publishing it (models in %s)",
+        kafka.topic_prefix,
+        args.mirror_state,
+        worker.models_dir,
+    )
+    mirror = ChangelogMirror(kafka, args.mirror_state, models_dir=worker.models_dir)
+    try:
+        return ChangelogSource(mirror, worker.models_dir)
+    except BaseException:
+        mirror.close()
+        raise
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.source == "worker":
-        source = _worker_source(args)
+    if args.source in ("worker", "changelog"):
+        if args.source == "worker" and args.mirror_state is not None:
+            raise SystemExit("--mirror-state applies only to --source changelog")
+        if args.source == "changelog" and args.worker_state is not None:
+            raise SystemExit("--worker-state applies only to --source worker")
+        source = _worker_source(args) if args.source == "worker" else _changelog_source(args)
         try:
             return _publish(args, source, _guard("publisher"))
         finally:
             source.close()
-    if args.worker_state is not None or args.models is not None:
-        raise SystemExit("--worker-state and --models apply only to --source worker")
+    if args.worker_state is not None or args.models is not None or args.mirror_state is not None:
+        raise SystemExit("--worker-state, --mirror-state and --models apply only to --source worker or changelog")
     module, _, name = args.source.partition(":")
     if not name:
-        raise SystemExit(f"--source: expected 'worker' or MODULE:FACTORY, got {args.source!r}")
+        raise SystemExit(f"--source: expected 'worker', 'changelog' or MODULE:FACTORY, got {args.source!r}")
     factory = getattr(importlib.import_module(module), name)
     return _publish(args, factory(_settings(args)), _guard("publisher"))
 
@@ -186,11 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser, publishing: bool = True) -> None:
         p.add_argument(
-            "--config", type=Path, help="TOML file with [publisher] and [kafka] tables ([worker] for --source worker)"
+            "--config",
+            type=Path,
+            help="TOML file with [publisher] and [kafka] tables ([worker] for --source worker or changelog)",
         )
         p.add_argument("--store", type=Path, help="RocksDB directory (setting store_path)")
-        p.add_argument("--bootstrap", help="Kafka bootstrap servers (fan-out)")
-        p.add_argument("--topic-prefix", help="Kafka topic prefix (fan-out)")
+        p.add_argument("--bootstrap", help="Kafka bootstrap servers (fan-out, --source changelog)")
+        p.add_argument("--topic-prefix", help="Kafka topic prefix (fan-out, --source changelog)")
         if publishing:
             p.add_argument("--interval", type=float, help="seconds between publishes, 1 to 86400")
             p.add_argument("--metrics-port", type=int, help="port of /metrics (0 = any free port)")
@@ -202,10 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--source",
         required=True,
-        help="'worker' (the streaming worker's state), or MODULE:FACTORY with FACTORY(PublisherSettings) -> ChangeSource",
+        help="'worker' (the streaming worker's state), 'changelog' (a worker group's topics, mirrored), or "
+        "MODULE:FACTORY with FACTORY(PublisherSettings) -> ChangeSource",
     )
     run.add_argument("--worker-state", type=Path, help="--source worker: the worker's state directory (its state_dir)")
-    run.add_argument("--models", type=Path, help="--source worker: the model registry (the worker's models_dir)")
+    run.add_argument(
+        "--mirror-state", type=Path, help="--source changelog: the mirror's RocksDB directory (a worker-shaped state)"
+    )
+    run.add_argument(
+        "--models", type=Path, help="--source worker or changelog: the model registry (the workers' models_dir)"
+    )
     run.set_defaults(run=cmd_run)
 
     sim = sub.add_parser("simulate", help="publish from random-walking synthetic users")

@@ -31,12 +31,13 @@ from kafka import KafkaConsumer, TopicPartition
 from streaming.item_rows import MODEL_HEADER, partition_of
 from streaming.settings import KafkaSettings
 from streaming.state import StateStore
+from streaming.topics import USER_STATE_TOPIC
 
 __all__ = ["USER_STATE", "Changelog", "partition_of_key"]
 
 logger = logging.getLogger(__name__)
 
-USER_STATE = "user-state"
+USER_STATE = USER_STATE_TOPIC
 _USER_PREFIXES = (b"t:user:", b"p:user:", b"n:", b"na:", b"prof:")
 _WINDOW_PREFIXES = (b"j:", b"k:")  # the join windows: "<user>\t<request>\t<item>"
 _SCOPED_PREFIXES = (b"c@", b"e@", b"s@", b"w@")  # per partition: counters "<p>:<item>", "<p>"; watermark "<p>"

@@ -5,8 +5,9 @@ so one user's events land on the same partition number of each topic (co-partiti
 that owns partition p holds every piece of state of the users hashed to p. ``items`` and ``users``
 are compacted (the latest record per key is what matters). ``deadletter`` keeps what failed
 validation, with the reason in a header. ``item-grads`` and ``item-rows`` carry the item path of a scaled-out
-worker group (:mod:`streaming.item_rows`); ``item-rows`` is compacted, being the item owners' changelog, and so is
-``user-state``, the workers' changelog of their partitions' user state (:mod:`streaming.changelog`).
+worker group (:mod:`streaming.item_rows`); ``item-rows`` is compacted, being the item owners' changelog.
+``user-state`` is the workers' changelog of their partitions' user state (:mod:`streaming.changelog`; compacted: the
+latest value of each state key is the state), which the publisher's mirror follows (:mod:`publisher.changelog_source`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "EVENT_TOPICS",
     "ITEM_PATH_TOPICS",
     "SCALE_OUT_TOPICS",
+    "USER_STATE_TOPIC",
     "connect_admin",
     "ensure_topics",
     "topic_for",
@@ -39,9 +41,10 @@ logger = logging.getLogger(__name__)
 EVENT_TOPICS: dict[type, str] = {Impression: "impressions", Click: "clicks", Item: "items", UserProfile: "users"}
 DEADLETTER = "deadletter"
 ITEM_PATH_TOPICS = ("item-grads", "item-rows")
-# What a scaled-out worker group uses: the item path and the user-state changelog (streaming.changelog).
-SCALE_OUT_TOPICS = (*ITEM_PATH_TOPICS, "user-state")
-COMPACTED = {"items", "users", "item-rows", "user-state"}
+USER_STATE_TOPIC = "user-state"
+# What a group of several workers needs besides the event topics.
+SCALE_OUT_TOPICS = (*ITEM_PATH_TOPICS, USER_STATE_TOPIC)
+COMPACTED = {"items", "users", "item-rows", USER_STATE_TOPIC}
 
 
 def topic_for(event: Event, settings: KafkaSettings) -> str:
