@@ -45,30 +45,19 @@ def assert_parses(argv: list[str], where: str) -> None:
     assert callable(args.run), where
 
 
-# Services whose flags belong to the worker's scale-out mode, which is not landed yet (docs/scale-out.md).
-NOT_LANDED = {"publisher-changelog"}
-
-
 def test_every_freshtower_service_command_parses():
     services = freshtower_services()
     assert {"worker", "publisher", "archive", "compact-archive", "trainer", "replay", "serving"} <= set(services)
     for name, command in services.items():
-        if name not in NOT_LANDED:
-            assert_parses(command, name)
+        assert_parses(command, name)
 
 
 def worker_scaled_script() -> str:
     return COMPOSE["services"]["worker-scaled"]["command"][0]
 
 
-@pytest.mark.xfail(
-    raises=SystemExit,
-    strict=True,
-    reason="--own-items (worker) and --mirror-state (publisher) come with the scale-out mode; when this passes, "
-    "drop the mark and NOT_LANDED",
-)
 @pytest.mark.parametrize("service", ["worker-scaled", "publisher-changelog"])
-def test_scale_out_commands_parse_once_the_mode_lands(service):
+def test_scale_out_commands_parse(service):
     if service == "worker-scaled":
         (command,) = python_m_commands(worker_scaled_script())
     else:

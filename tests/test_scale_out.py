@@ -18,24 +18,26 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from kafka import KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
 
+from publisher.changelog_source import ChangelogMirror
 from publisher.worker_source import WorkerSource
 from serving.user_vector import user_vectors
-from streaming.changelog import USER_STATE, partition_of_key
+from streaming.changelog import partition_of_key
 from streaming.events import Click
-from streaming.item_rows import MODEL_HEADER
-from streaming.state import StateStore
+from streaming.producer import EventProducer
 from streaming.topics import SCALE_OUT_TOPICS, ensure_topics
 from tests.conftest import free_port
 from tests.test_item_path import committed_gradients
 from tests.test_worker_recovery import events_applied, worker_command
-from tests.worker_fixtures import produce, read_state, register_model, split_world, wait_for
+from tests.worker_fixtures import read_state, register_model, split_world, wait_for
 from trainer.artifact import load_version
 from trainer.registry import Registry
 
@@ -64,6 +66,18 @@ def _scaled(settings, models: Path, tmp: Path, name: str, port: int) -> subproce
     return subprocess.Popen(command, env=_env(), stderr=open(tmp / f"{name}.log", "w"))  # noqa: SIM115
 
 
+def _members(settings) -> int:
+    """Members of the workers' group once it is stable (0 while it rebalances)."""
+    admin = KafkaAdminClient(**settings.client_config())
+    try:
+        group = admin.describe_groups([GROUP])[GROUP]
+    except KafkaError:
+        return 0
+    finally:
+        admin.close()
+    return len(group.get("members", ())) if group.get("group_state") == "Stable" else 0
+
+
 def _committed(settings, group: str, topics: list[str]) -> dict[TopicPartition, int]:
     consumer = KafkaConsumer(group_id=group, enable_auto_commit=False, **settings.client_config())
     try:
@@ -73,23 +87,23 @@ def _committed(settings, group: str, topics: list[str]) -> dict[TopicPartition, 
         consumer.close()
 
 
-def _read_committed(settings, topic: str) -> tuple[dict[bytes, tuple[bytes | None, str]], dict[int, int]]:
-    """The last value and model header of every key of ``topic`` (read committed, to the high watermark), and the
-    offset after each partition's last record."""
+def _read_committed(settings, topic: str) -> tuple[dict[bytes, bytes | None], dict[int, int]]:
+    """The last value of every key of ``topic`` (read committed, to the high watermark), and the offset after each
+    partition's last record."""
     hw = KafkaConsumer(group_id=None, **settings.client_config())
     reader = KafkaConsumer(group_id=None, isolation_level="read_committed", **settings.client_config())
     tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic))]
     reader.assign(tps)
     reader.seek_to_beginning(*tps)
     end = hw.end_offsets(tps)
-    last: dict[bytes, tuple[bytes | None, str]] = {}
+    last: dict[bytes, bytes | None] = {}
     after: dict[int, int] = {}
     deadline = time.monotonic() + 60
     while any(reader.position(tp) < end[tp] for tp in tps):
         assert time.monotonic() < deadline, f"a transaction on {topic} did not end"
         for batch in reader.poll(timeout_ms=500).values():
             for r in batch:
-                last[r.key] = (r.value, dict(r.headers or ()).get(MODEL_HEADER, b"").decode())
+                last[r.key] = r.value
                 after[r.partition] = r.offset + 1
     reader.close()
     hw.close()
@@ -112,39 +126,23 @@ def _done(settings) -> bool:
     return all(owners[TopicPartition(settings.topic("item-grads"), p)] >= o for p, o in grads.items())
 
 
-def _group_state(settings, reference: Path, dest: Path) -> dict[str, object]:
-    """What the group committed, as one worker-shaped state at ``dest`` (for the publisher's source), and its
-    counters: the changelog's keys, the owners' item rows, the catalogue of the single worker (same items topic)."""
-    changelog, _ = _read_committed(settings, settings.topic(USER_STATE))
-    rows, _ = _read_committed(settings, settings.topic("item-rows"))
-    store = StateStore(dest)
-    builder: dict[str, int] = {}
-    counts: dict[str, int] = {}
-    for key, (value, version) in changelog.items():
-        assert version == "v1"
-        assert partition_of_key(key, settings.partitions) is not None
-        if value is None:
-            continue
-        if key.startswith(b"s@"):
+def _group_state(settings, dest: Path) -> dict[str, object]:
+    """What the group committed, as the publisher reads it: its changelog mirror (user-state, item-rows and items,
+    read committed) in a worker-shaped state at ``dest``, and the counters it holds."""
+    mirror = ChangelogMirror(settings, dest, model_version="v1")
+    try:
+        wait_for(lambda: mirror.step().caught_up and mirror.step().applied == 0, 120, "the mirror catching up")
+        state = mirror.state
+        assert all(partition_of_key(k, settings.partitions) is not None for k, _ in state.scan(b"s@"))
+        builder: dict[str, int] = {}
+        for _, value in state.scan(b"s@"):
             for name, n in json.loads(value).items():
                 builder[name] = builder.get(name, 0) + n
-        elif key.startswith((b"c@", b"e@")):
-            name = key[:1].decode() + ":" + key.split(b":", 1)[1].decode()
-            counts[name] = counts.get(name, 0) + int.from_bytes(value, "little", signed=True)
-        else:
-            store.put(key, value)
-    for key, (value, version) in rows.items():
-        if version == "v1" and value is not None and key.startswith(b"t:item:"):
-            store.put(key, value)
-    single = StateStore(reference)
-    for key, value in single.scan(b"cat:"):
-        store.put(key, value)
-    watermark = single.meta()["watermark_ms"]
-    single.close()
-    store.checkpoint({}, {"checkpoints": 1, "model_version": "v1", "watermark_ms": watermark})
-    lists = {k.decode(): v for k, v in store.scan(b"n:")}
-    items = sorted(k[len(b"t:item:") :].decode() for k, _ in store.scan(b"t:item:"))
-    store.close()
+        counts = {k.decode(): v for prefix in (b"c:", b"e:") for k, v in state.scan(prefix)}
+        lists = {k.decode(): v for k, v in state.scan(b"n:")}
+        items = sorted(k[len(b"t:item:") :].decode() for k, _ in state.scan(b"t:item:"))
+    finally:
+        mirror.close()
     return {"builder": builder, "counts": counts, "lists": lists, "items": items}
 
 
@@ -173,15 +171,15 @@ def _recall(state: Path, models: Path, held_back: list[Click]) -> float:
 
 
 def _check_against_single(settings, models: Path, tmp: Path, held_back: list[Click], clicks: int) -> None:
+    """The single worker on the same events (its own group), then every check of the module docstring."""
     single = tmp / "single"
     subprocess.run(worker_command(settings, models, single, "single"), env=_env(), check=True, timeout=300)
     expected = read_state(single)
-    got = _group_state(settings, single, tmp / "group")
+    got = _group_state(settings, tmp / "group")
     # Counters: exactly the single worker's (nothing lost, nothing twice).
     assert got["builder"] == expected["meta"]["builder"]
     assert got["builder"]["clicks"] == clicks
-    single_counts = {k: int.from_bytes(v, "little", signed=True) for k, v in expected["counts"].items()}
-    assert got["counts"] == {k: v for k, v in single_counts.items() if k.startswith(("c:", "e:"))}
+    assert got["counts"] == {k: v for k, v in expected["counts"].items() if k.startswith(("c:", "e:"))}
     assert got["lists"] == {k: v for k, v in expected["counts"].items() if k.startswith("n:")}
     assert sum(g.uses for g in committed_gradients(settings)) == clicks
     single_items = sorted(k[len("t:item:") :] for k in expected["rows"] if k.startswith("t:item:"))
@@ -192,16 +190,38 @@ def _check_against_single(settings, models: Path, tmp: Path, held_back: list[Cli
     assert abs(ours - theirs) <= RECALL_TOLERANCE, (ours, theirs)
 
 
-def _world(settings, tmp: Path) -> tuple[Path, list[Click], int]:
+def _world(settings, tmp: Path) -> tuple[Path, list, list[Click]]:
+    """The model (day one), the stream (day two up to its last tenth of clicks) and the held-back clicks."""
     _, day_one, day_two = split_world()
     models = tmp / "models"
     register_model(models, day_one)
     ensure_topics(settings, names=SCALE_OUT_TOPICS)
     clicks = [e for e in day_two if isinstance(e, Click)]
-    cut = clicks[int(len(clicks) * 0.9)].ts_ms  # the last tenth of the clicks is held back
-    stream = [e for e in day_two if e.ts_ms < cut]
-    produce(settings, stream)
-    return models, [c for c in clicks if c.ts_ms >= cut], sum(1 for e in stream if isinstance(e, Click))
+    cut = clicks[int(len(clicks) * 0.9)].ts_ms
+    return models, [e for e in day_two if e.ts_ms < cut], [c for c in clicks if c.ts_ms >= cut]
+
+
+class _Live:
+    """The stream produced at a steady rate, as a live one arrives (the workers keep up; a backlog replay would
+    make every mini-batch train against item rows many batches old)."""
+
+    def __init__(self, settings, events: list, rate: float = 1500.0) -> None:
+        self.sent = 0
+        self._thread = threading.Thread(target=self._run, args=(settings, events, rate), daemon=True)
+        self._thread.start()
+
+    def _run(self, settings, events: list, rate: float) -> None:
+        with EventProducer(settings) as producer:
+            start = time.monotonic()
+            for k in range(0, len(events), 100):
+                producer.send_all(events[k : k + 100])
+                producer.flush()
+                self.sent = k + len(events[k : k + 100])
+                time.sleep(max(0.0, start + self.sent / rate - time.monotonic()))
+
+    def join(self) -> None:
+        self._thread.join(120)
+        assert not self._thread.is_alive()
 
 
 def _wait_applied(port: int, target: float, process: subprocess.Popen, what: str) -> None:
@@ -214,39 +234,50 @@ def _stop(process: subprocess.Popen) -> None:
     assert process.wait(30) == 0
 
 
+def _clicks(events: list) -> int:
+    return sum(1 for e in events if isinstance(e, Click))
+
+
 def test_two_workers_one_sigkilled_count_exactly_what_one_worker_counts(kafka_settings, tmp_path: Path) -> None:
-    models, held_back, clicks = _world(kafka_settings, tmp_path)
+    models, stream, held_back = _world(kafka_settings, tmp_path)
     ports = free_port(), free_port()
     a = _scaled(kafka_settings, models, tmp_path, "a", ports[0])
     b = _scaled(kafka_settings, models, tmp_path, "b", ports[1])
     try:
-        _wait_applied(ports[0], 2_000, a, "worker a applying events")
-        _wait_applied(ports[1], 2_000, b, "worker b applying events")
+        wait_for(lambda: _members(kafka_settings) == 2, 60, "both workers in the group")
+        live = _Live(kafka_settings, stream)
+        _wait_applied(ports[0], len(stream) / 5, a, "worker a applying events")
+        assert events_applied(ports[1]) > 0
         a.send_signal(signal.SIGKILL)  # mid-stream: its partitions, item partitions and open transaction move
         a.wait(30)
+        live.join()
         wait_for(lambda: _done(kafka_settings), 240, "worker b taking every partition and finishing the stream")
         _stop(b)
     finally:
         for p in (a, b):
             if p.poll() is None:
                 p.kill()
-    _check_against_single(kafka_settings, models, tmp_path, held_back, clicks)
+    _check_against_single(kafka_settings, models, tmp_path, held_back, _clicks(stream))
 
 
 def test_scale_one_two_one_counts_exactly_what_one_worker_counts(kafka_settings, tmp_path: Path) -> None:
-    models, held_back, clicks = _world(kafka_settings, tmp_path)
+    models, stream, held_back = _world(kafka_settings, tmp_path)
     ports = free_port(), free_port()
     a = _scaled(kafka_settings, models, tmp_path, "a", ports[0])
     b = None
     try:
-        _wait_applied(ports[0], 3_000, a, "worker a alone")
+        wait_for(lambda: _members(kafka_settings) == 1, 60, "worker a in the group")
+        live = _Live(kafka_settings, stream, rate=1000.0)
+        _wait_applied(ports[0], len(stream) / 6, a, "worker a alone")
         b = _scaled(kafka_settings, models, tmp_path, "b", ports[1])  # 1 -> 2: a gives half its partitions up
-        _wait_applied(ports[1], 2_000, b, "worker b after joining")
+        _wait_applied(ports[1], len(stream) / 6, b, "worker b after joining")
+        assert live.sent < len(stream), "the stream ended before the second worker took over partitions"
         _stop(a)  # 2 -> 1: b takes them all once a's session ends
+        live.join()
         wait_for(lambda: _done(kafka_settings), 240, "worker b taking every partition and finishing the stream")
         _stop(b)
     finally:
         for p in (a, b):
             if p is not None and p.poll() is None:
                 p.kill()
-    _check_against_single(kafka_settings, models, tmp_path, held_back, clicks)
+    _check_against_single(kafka_settings, models, tmp_path, held_back, _clicks(stream))
