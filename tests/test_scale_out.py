@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -33,6 +34,7 @@ from serving.user_vector import user_vectors
 from streaming.changelog import partition_of_key
 from streaming.events import Click
 from streaming.producer import EventProducer
+from streaming.state import StateStore
 from streaming.topics import SCALE_OUT_TOPICS, ensure_topics
 from tests.conftest import free_port
 from tests.test_item_path import committed_gradients
@@ -46,8 +48,9 @@ pytestmark = [pytest.mark.kafka, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 GROUP = "scaled"
 K = 20
-# Held-back Recall@20 of the scaled-out group's published embeddings against the single worker's, absolute.
-RECALL_TOLERANCE = 0.03
+# Held-back Recall@20 of the scaled-out group's published embeddings against the single worker's, absolute (443
+# held-back clicks; measured differences -0.009 to +0.020 over 8 runs of the two tests, docs/scale-out.md).
+RECALL_TOLERANCE = 0.035
 
 
 def _env() -> dict[str, str]:
@@ -184,10 +187,19 @@ def _check_against_single(settings, models: Path, tmp: Path, held_back: list[Cli
     assert sum(g.uses for g in committed_gradients(settings)) == clicks
     single_items = sorted(k[len("t:item:") :] for k in expected["rows"] if k.startswith("t:item:"))
     assert got["items"] == single_items  # the owners admitted what the single worker admitted
-    # The published embeddings: held-back Recall@K within the stated tolerance.
+    # The published embeddings: held-back Recall@K within the stated tolerance, and above what the model's own rows
+    # give (the model is untrained: the online rows are all there is to learn from).
     ours, theirs = _recall(tmp / "group", models, held_back), _recall(single, models, held_back)
-    print(f"held-back Recall@{K}: group {ours:.4f}, single worker {theirs:.4f} ({len(held_back)} clicks)")
+    shutil.copytree(tmp / "group", tmp / "model-rows")
+    store = StateStore(tmp / "model-rows")
+    for key, _ in list(store.scan(b"t:")):
+        store.delete(key)
+    store.checkpoint(store.offsets(), store.meta())
+    store.close()
+    floor = _recall(tmp / "model-rows", models, held_back)
+    print(f"held-back Recall@{K}: group {ours:.4f}, single worker {theirs:.4f}, the model's own rows {floor:.4f}")
     assert abs(ours - theirs) <= RECALL_TOLERANCE, (ours, theirs)
+    assert ours > floor, (ours, floor)
 
 
 def _world(settings, tmp: Path) -> tuple[Path, list, list[Click]]:
