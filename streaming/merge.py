@@ -149,9 +149,21 @@ class PartitionMerge:
 
     # ------------------------------------------------------------------ positions
     def resolve_positions(self) -> None:
-        """A partition never read from has no offset of its own yet: its consumer's position is where it starts."""
+        """A partition never read from has no offset of its own yet: its consumer's position is where it starts.
+
+        A partition whose every fetched record has been released moves on to its consumer's position too, which is
+        past what the consumer skipped without returning it: the commit markers of transactional producers and the
+        records of aborted transactions (read committed). Otherwise its offset would stay on the last marker, one
+        short of the end for good: a lag of 1 that never goes away, and a group that never looks caught up."""
         for tp, nxt in self.next.items():
             if nxt >= 0:
+                if not self.queues[tp]:
+                    try:
+                        position = self.consumers[tp].position(tp, timeout_ms=0)
+                    except KafkaError:
+                        position = None
+                    if position is not None and position > nxt:
+                        self.next[tp] = position
                 continue
             if self.queues[tp]:
                 self.next[tp] = self.queues[tp][0].offset

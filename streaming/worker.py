@@ -29,10 +29,9 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from streaming.consumer import DeadLetterWriter, check_record, subscribe
-from streaming.events import Click, Event, InvalidEvent, Item, Limits
+from streaming.events import Click, Event, InvalidEvent, Limits
 from streaming.examples import Example, ExampleBuilder
 from streaming.item_path import ItemPath
-from streaming.item_rows import partition_of
 from streaming.learner import IncrementalLearner
 from streaming.lifecycle import RetryBudget
 from streaming.merge import TOPIC_RANK, PartitionMerge, Queued, tp_key
@@ -230,16 +229,9 @@ class Worker(ModelSwitch, Checkpoints, ChangelogState):
             logger.exception("unexpected error decoding %s[%d]@%d", record.topic, record.partition, record.offset)
             reason = f"internal error while decoding: {type(exc).__name__}: {exc}"
         else:
-            if not self.scaled or isinstance(event, Item):
+            reason = self._misplaced(event, record.partition) if self.scaled else None
+            if reason is None:
                 return Queued(record.offset, event.ts_ms, event)
-            expected = partition_of(event.user_id, self.event_partitions)
-            if expected == record.partition:
-                return Queued(record.offset, event.ts_ms, event)
-            # Its state would belong to another worker's partition: the topics must be partitioned by user id.
-            reason = (
-                f"user {event.user_id!r} on partition {record.partition}, but Kafka's default partitioner puts it on "
-                f"{expected}: with user_state=changelog, user-keyed topics must be keyed by user id"
-            )
         self._dlq.send(record, reason)
         self.metrics.dead_letters.labels(record.topic).inc()
         return Queued(record.offset, -1, None)

@@ -28,7 +28,9 @@ from dataclasses import asdict
 from kafka import KafkaConsumer, TopicPartition
 
 from streaming.changelog import Changelog
+from streaming.events import Event, Item
 from streaming.examples import ExampleBuilder
+from streaming.item_rows import partition_of
 from streaming.learner import IncrementalLearner
 from streaming.merge import tp_key
 
@@ -109,6 +111,19 @@ class ChangelogState:
             version.model, version.encoder, self.builder, self.settings.learner(version.train_config), self.state
         )
         self.pending = []
+
+    def _misplaced(self, event: Event, partition: int) -> str | None:
+        """Why ``event`` cannot be applied from ``partition`` (its user's state belongs to another partition, which
+        another worker may hold: the user-keyed topics must be keyed by user id), or None."""
+        if isinstance(event, Item):
+            return None
+        expected = partition_of(event.user_id, self.event_partitions)
+        if expected == partition:
+            return None
+        return (
+            f"user {event.user_id!r} on partition {partition}, but Kafka's default partitioner puts it on {expected}: "
+            "with user_state=changelog, user-keyed topics must be keyed by user id"
+        )
 
     # ------------------------------------------------------------------ checkpoint
     def _checkpoint_changelog(self) -> None:
