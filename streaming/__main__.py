@@ -168,7 +168,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_addr, registry=worker.metrics.registry)
     guard = ProcessGuard("worker", stall_s=settings.stall_timeout_s).install()
-    owner = _OwnerRole(kafka, settings, registry, worker) if settings.own_items else None
+    owner = _OwnerRole(kafka, settings, registry, worker, guard.stop) if settings.own_items else None
     try:
         worker.run(guard.stop, exit_when_idle_s=args.exit_when_idle, beat=guard.beat)
         if owner is not None and args.exit_when_idle is not None and not guard.stop.is_set():
@@ -178,14 +178,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
             owner.close()
         guard.done()
     print(json.dumps(worker.summary(), sort_keys=True))
-    return 0
+    return 70 if owner is not None and owner.failed else 0  # 70: EX_SOFTWARE, for the supervisor to restart it
 
 
 class _OwnerRole:
     """The item-owner role in a worker process (``--own-items``): its own thread, member name and scratch state beside
     the worker's, and its metrics on the worker's /metrics. It stops after the worker does."""
 
-    def __init__(self, kafka, settings, registry, worker) -> None:
+    def __init__(self, kafka, settings, registry, worker, stop) -> None:
         import threading
 
         from streaming.item_owner import ItemOwner, OwnerSettings
@@ -207,9 +207,19 @@ class _OwnerRole:
             registry=registry,
         )
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.owner.run, args=(self.stop,), name="item-owner", daemon=True)
+        self.failed = False
+        self._worker_stop = stop
+        self.thread = threading.Thread(target=self._run, name="item-owner", daemon=True)
         self.thread.start()
         logger.info("running the item-owner role as member %s", owner_settings.instance_id)
+
+    def _run(self) -> None:
+        try:
+            self.owner.run(self.stop)
+        except BaseException:  # noqa: BLE001 (the process must not go on without its owner role)
+            logger.exception("the item-owner role failed: stopping the worker")
+            self.failed = True
+            self._worker_stop.set()
 
     def drain(self, idle_s: float) -> None:
         """After an idle worker's exit: keep owning until no step has been committed for ``idle_s``."""

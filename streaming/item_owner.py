@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from kafka.errors import KafkaError
+from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streaming.consumer import subscribe
@@ -263,6 +263,12 @@ class ItemOwner:
             offsets = {tp: OffsetAndMetadata(records[-1].offset + 1, "", -1) for tp, records in batches.items()}
             self.producer.send_offsets_to_transaction(offsets, self.consumer.group_metadata())
             self.producer.commit_transaction()
+        except CommitFailedError as exc:
+            # The group has moved on without this member (a pause past its session): the broker fenced the step.
+            # Nothing of it is visible; the next poll rejoins, and the partitions' owners restore from item-rows.
+            logger.warning("step not committed (%s): rejoining the group", exc)
+            self._abort()
+            return 0
         except BaseException:
             self._abort()
             raise

@@ -18,6 +18,7 @@ Kubernetes, compose) restarts it and the restart count shows the trouble:
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -150,6 +151,8 @@ class ProcessGuard:
     def install(self) -> ProcessGuard:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        # `kill -USR1 <pid>`: every thread's stack on stderr, to see where a process that seems stuck is.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         if self.stall_s > 0:
             threading.Thread(target=self._watch, name=f"{self.name}-watchdog", daemon=True).start()
         return self

@@ -75,6 +75,9 @@ class ChangelogState:
         them again.)"""
         self._to_move = None
         assigned = {tp for tp in assigned if tp in self._group.assignment()}  # a later rebalance may have taken some
+        # Partitions the merge still follows but the group took away without a revoke (a member it had dropped, a
+        # zombie) would block it for good: no longer fetched, never caught up.
+        self.merge.forget({tp for tp in self.merge.queues if self._names[tp.topic] != "items"} - assigned)
         partitions = {tp.partition for tp in assigned}
         start = time.perf_counter()
         self.state.discard()  # nothing is staged after a committed checkpoint; anything else never committed
