@@ -231,6 +231,37 @@ def vm_hwm_mb(pid: int) -> float | None:
     return None
 
 
+def cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system, every thread) a live process has used; ``None`` once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, every core (``/proc/stat``)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    tick = os.sysconf("SC_CLK_TCK")
+    return (sum(values) - idle) / tick, sum(values) / tick
+
+
+def cpu_use(cpu: list, i: int, j: int, names: list[str]) -> dict:
+    """From the CPU samples ``i`` to ``j``: each process's cores used on average, the workers' sum, and how many of
+    the machine's cores were busy with anything (the broker, the bench, other work on the machine included)."""
+    (t0, p0, b0, _), (t1, p1, b1, _) = cpu[i], cpu[j]
+    if t1 <= t0:
+        return {}
+    per = {n: round((b - a) / (t1 - t0), 3) for n, a, b in zip(names, p0, p1, strict=True) if a is not None and b}
+    return {
+        "processes_cores": per,
+        "workers_cores": round(sum(per.values()), 3),
+        "machine_busy_cores": round((b1 - b0) / (t1 - t0), 3),
+    }
+
+
 class Group:
     """A consumer group's committed offsets against the end offsets of its topics, and its members."""
 
@@ -303,9 +334,11 @@ def throughput_point(args, boot: str, prefix: str, models: Path, workdir: Path, 
     ends = events.ends()
     total = sum(ends.values())
     names = [f"{tag}-w{j}" for j in range(n)]
+    load_before = os.getloadavg()
     started = time.time()
     processes = [start_worker(boot, prefix, group, models, workdir, name, changelog) for name in names]
     samples: list[tuple[float, int]] = []  # (seconds since the processes started, events committed)
+    cpu: list[tuple[float, list, float, float]] = []  # (the same seconds, CPU s per process, machine busy, total)
     peak: dict[str, float] = {}
     stable_s = done_s = owners_done_s = None
     owners_lag_at_done = None
@@ -319,6 +352,7 @@ def throughput_point(args, boot: str, prefix: str, models: Path, workdir: Path, 
             except Exception:  # noqa: BLE001 (a sample more or less: the next is 0.5 s away)
                 committed = samples[-1][1] if samples else 0
             samples.append((round(now, 3), committed))
+            cpu.append((now, [cpu_s(p.pid) for p in processes], *machine_cpu_s()))
             bar.update(committed - bar.n)
             for name, p in zip(names, processes, strict=True):
                 hwm = vm_hwm_mb(p.pid)
@@ -352,8 +386,15 @@ def throughput_point(args, boot: str, prefix: str, models: Path, workdir: Path, 
         raise RuntimeError(
             f"{tag}: the group committed {samples[-1][1]:,} of {total:,} events in {args.point_timeout} s"
         )
-    return summarize_point(tag, n, changelog, total, samples, stable_s, done_s, owners_done_s, owners_lag_at_done,
-                           peak, codes, summaries)  # fmt: skip
+    result = summarize_point(tag, n, changelog, total, samples, stable_s, done_s, owners_done_s, owners_lag_at_done,
+                             peak, codes, summaries)  # fmt: skip
+    i10, i90 = result.pop("window_index")
+    result["load_average_before_after"] = [load_before, os.getloadavg()]
+    result["cpu_in_window"] = cpu_use(cpu, i10, i90, names)
+    used = result["cpu_in_window"].get("workers_cores")
+    if used and result["steady_events_per_s"]:
+        result["events_per_worker_cpu_s"] = result["steady_events_per_s"] / used
+    return result
 
 
 def summarize_point(tag, n, changelog, total, samples, stable_s, done_s, owners_done_s, owners_lag, peak, codes, sums):
@@ -377,6 +418,7 @@ def summarize_point(tag, n, changelog, total, samples, stable_s, done_s, owners_
         "events": total,
         "steady_events_per_s": steady,
         "steady_window_s": [float(s[i10, 0]), float(s[i90, 0])],
+        "window_index": (i10, i90),
         "first_commit_s": first_commit_s,
         "group_stable_s": stable_s,
         "all_committed_s": done_s,
@@ -429,6 +471,8 @@ def live_point(args, boot: str, models: Path, records: list[tuple], workdir: Pat
             daemon=True,
         )
         live_start = time.time()
+        cpu = [(live_start, [cpu_s(p.pid) for p in processes], *machine_cpu_s())]
+        load_before = os.getloadavg()
         producer.start()
         point.probing.set()
         bar = tqdm(total=counted, desc=f"live {rate:,.0f}/s, 2 workers", unit="ev", leave=False, mininterval=0.5)
@@ -449,6 +493,8 @@ def live_point(args, boot: str, models: Path, records: list[tuple], workdir: Pat
             time.sleep(0.5)
         point.probing.clear()
         live_end = time.time()
+        cpu.append((live_end, [cpu_s(p.pid) for p in processes], *machine_cpu_s()))
+        load_after = os.getloadavg()
         # The group catches up with the last events; the probes still in flight reach the reader.
         catch_up_s = None
         until = time.monotonic() + 60
@@ -471,8 +517,11 @@ def live_point(args, boot: str, models: Path, records: list[tuple], workdir: Pat
     cadence_s = [
         checkpoint_cadence(workdir / f"{n}.log", s and s["checkpoints"]) for n, s in zip(names, summaries, strict=True)
     ]
-    return summarize_live(args, rate, point, result, lag_samples, ready_s, term_s, catch_up_s, cadence_s, peak, codes,
-                          summaries)  # fmt: skip
+    out = summarize_live(args, rate, point, result, lag_samples, ready_s, term_s, catch_up_s, cadence_s, peak, codes,
+                         summaries)  # fmt: skip
+    out["cpu_during_stream"] = cpu_use(cpu, 0, 1, names)
+    out["load_average_before_after"] = [load_before, load_after]
+    return out
 
 
 def checkpoint_cadence(log: Path, checkpoints: int | None) -> float | None:
@@ -565,9 +614,10 @@ def markdown(report: dict) -> str:
         "",
         "## Throughput (the stream already in Kafka)",
         "",
-        "| workers | mode | steady events/s | × 1 local | × 1 changelog | all committed after | first commit after | "
-        "owners done after | peak RSS per process |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| workers | mode | steady events/s | × 1 local | × 1 changelog | cores used: workers / machine | "
+        "events per worker CPU-s | all committed after | first commit after | owners done after | "
+        "peak RSS per process | load average before / after |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res:
         rate = r["steady_events_per_s"] or 0.0
@@ -575,14 +625,22 @@ def markdown(report: dict) -> str:
         vs_one = f"{rate / one['steady_events_per_s']:.2f}" if one and one["steady_events_per_s"] else "-"
         owners = f"{r['owners_all_committed_s']:.1f} s" if r["owners_all_committed_s"] else "-"
         rss = ", ".join(f"{v:,.0f}" for v in r["peak_rss_mb"].values()) + " MB"
+        cpu = r.get("cpu_in_window") or {}
+        cores = f"{cpu.get('workers_cores', 0):.2f} / {cpu.get('machine_busy_cores', 0):.2f}" if cpu else "-"
+        per_cpu = f"{r['events_per_worker_cpu_s']:,.0f}" if r.get("events_per_worker_cpu_s") else "-"
+        load = r["load_average_before_after"]
         lines.append(
-            f"| {r['workers']} | {r['mode']} | {rate:,.0f} | {vs_base} | {vs_one} | {r['all_committed_s']:.1f} s | "
-            f"{r['first_commit_s']:.1f} s | {owners} | {rss} |"
+            f"| {r['workers']} | {r['mode']} | {rate:,.0f} | {vs_base} | {vs_one} | {cores} | {per_cpu} | "
+            f"{r['all_committed_s']:.1f} s | {r['first_commit_s']:.1f} s | {owners} | {rss} | "
+            f"{load[0][0]:.1f} / {load[1][0]:.1f} |"
         )
     lines += [
         "",
         "Steady events/s: events the group committed between the samples at 10% and 90% of the stream (with 2 "
-        "workers, from the group `Stable` with both), every 0.5 s. Times: from starting the processes.",
+        "workers, from the group `Stable` with both), every 0.5 s. Times: from starting the processes. Cores used, "
+        "in the same window: the worker processes' CPU time (every thread: the owner role, the Kafka clients) per "
+        "second, and the machine's busy CPU time per second (the broker, the bench and any other work included). "
+        "Load average: the 1-minute figure as the point started and ended.",
         "",
         "## The item path's delay with 2 workers running",
         "",
@@ -593,15 +651,16 @@ def markdown(report: dict) -> str:
         lines += [
             "| live stream | probes | delay p50 / p90 / p99 / max | ack -> row sent p50 / p99 | "
             "row sent -> seen p50 / p99 | group lag p50 / max | checkpoint interval: setting / kept | "
-            "bound p50 / p99 (interval kept + delay) |",
-            "|---|---|---|---|---|---|---|---|",
+            "bound p50 / p99 (interval kept + delay) | cores used: workers / machine | load average before / after |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for live in lives:
             d, b = live["delay_ms"], live["bound_ms_measured_interval"]
             if not d:
-                lines.append(f"| {live['live_rate']:,.0f} events/s | no probe seen | | | | | | |")
+                lines.append(f"| {live['live_rate']:,.0f} events/s | no probe seen | | | | | | | | |")
                 continue
             to_row, to_seen = live["split_ms"]["ack_to_row_sent"], live["split_ms"]["row_sent_to_seen"]
+            cpu, load = live.get("cpu_during_stream") or {}, live["load_average_before_after"]
             lines.append(
                 f"| {live['live_rate']:,.0f} events/s for {live['live_s']:.0f} s | {live['probes_seen']} of "
                 f"{live['probes_sent']} | {d['p50']:.0f} / {d['p90']:.0f} / {d['p99']:.0f} / {d['max']:.0f} ms | "
@@ -609,7 +668,8 @@ def markdown(report: dict) -> str:
                 f"{live['group_lag_events']['p50']:,.0f} / {live['group_lag_events']['max']:,} events | "
                 f"{live['checkpoint_interval_s_setting']:.1f} s / "
                 f"{', '.join(f'{v:.2f}' for v in live['checkpoint_interval_s_measured'])} s | "
-                f"{b['p50']:,.0f} / {b['p99']:,.0f} ms |"
+                f"{b['p50']:,.0f} / {b['p99']:,.0f} ms | {cpu.get('workers_cores', 0):.2f} / "
+                f"{cpu.get('machine_busy_cores', 0):.2f} | {load[0][0]:.1f} / {load[1][0]:.1f} |"
             )
         lines += [
             "",
@@ -716,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{live['probes_sent']} probes; group lag max {live['group_lag_events']['max']:,} events; "
                     f"checkpoints every {live['checkpoint_interval_s_measured']} s (setting "
                     f"{live['checkpoint_interval_s_setting']} s); bound (interval kept + delay) "
-                    f"{live['bound_ms_measured_interval']} ms"
+                    f"{live['bound_ms_measured_interval']} ms; cores {live['cpu_during_stream']}"
                 )
                 continue
             n, mode = int(tag[0]), tag[2:]
@@ -728,7 +788,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['steady_window_s'][0]:.1f}-{r['steady_window_s'][1]:.1f} s; all {r['events']:,} committed at "
                 f"{r['all_committed_s']:.1f} s (first commit {r['first_commit_s']:.1f} s, group stable "
                 f"{r['group_stable_s']} s, owners done {r['owners_all_committed_s']} s); checkpoints "
-                f"{r['checkpoints']}; peak RSS {', '.join(f'{v:,.0f}' for v in r['peak_rss_mb'].values())} MB"
+                f"{r['checkpoints']}; peak RSS {', '.join(f'{v:,.0f}' for v in r['peak_rss_mb'].values())} MB; "
+                f"cores in the window {r['cpu_in_window']}"
             )
     rates = {r["point"]: r["steady_events_per_s"] for r in throughput}
     ratios = {}
