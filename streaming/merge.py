@@ -54,7 +54,12 @@ class PartitionMerge:
 
     # ------------------------------------------------------------------ partitions
     def track(self, tp: TopicPartition, consumer: KafkaConsumer, start: int | None) -> None:
-        """Follow ``tp`` read by ``consumer`` from offset ``start`` (``None``: wherever the consumer stands)."""
+        """Follow ``tp`` read by ``consumer`` from offset ``start`` (``None``: wherever the consumer stands).
+
+        The partition is resumed: kafka-python keeps the paused flag of a partition assigned again after a rebalance,
+        while :meth:`forget` dropped the merge's record of that pause, so back-pressure would never resume it and the
+        merge would wait on it for good (a worker stalled after a rebalance during a backlog)."""
+        consumer.resume(tp)
         self.queues[tp] = deque()
         self.consumers[tp] = consumer
         self.next[tp] = -1
