@@ -121,6 +121,10 @@ class Worker(ModelSwitch, Checkpoints, ChangelogState):
             "max_partition_fetch_bytes": max(1 << 20, 4 * kafka.max_record_bytes),
             "fetch_max_bytes": 8 << 20,
             "reconnect_backoff_max_ms": 2000,
+            # Full fetches: with incremental fetch sessions (KIP-227) the broker leaves a partition with nothing new out
+            # of the response, and a partition assigned again after a rebalance then never learns its high watermark
+            # (kafka-python 3.0 resets it): an empty partition (a quiet users topic) would block the merge for good.
+            "enable_incremental_fetch_sessions": False,
         }
         self._group = KafkaConsumer(
             group_id=settings.group_id,
