@@ -80,7 +80,12 @@ class ChangelogState:
         self.merge.forget({tp for tp in self.merge.queues if self._names[tp.topic] != "items"} - assigned)
         partitions = {tp.partition for tp in assigned}
         start = time.perf_counter()
-        self.state.discard()  # nothing is staged after a committed checkpoint; anything else never committed
+        # Nothing is staged or unsent after a committed checkpoint (a revoke commits one). Anything else never
+        # committed (a member the group dropped without a revoke): its events are read again from the committed
+        # offsets, so its changes and gradients go, and the item rows are mirrored again from the cache's positions.
+        self.state.discard()
+        self.item_path.drop_unsent()
+        self.item_path.seek_rows(self.state.meta().get("rows_positions", {}))
         dropped = self.changelog.drop(self.state, self.held - partitions)
         self._positions = self.changelog.restore(
             self.state, {p: self._positions.get(p, 0) for p in partitions}, self.model_version
