@@ -179,8 +179,11 @@ class Worker(ModelSwitch, Checkpoints, ChangelogState):
             # A new worker starts where its model's training data ends: the model has learnt what came before.
             # Catalogue and profiles are state (compacted topics): read whole. The clicks of the last
             # last_n_idle_ms before the cutoff are read too, for the users' last-N lists only.
+            # The end first: read after an empty lookup, it could already hold records written since, at or after
+            # the cutoff, which starting there would skip.
+            end = self._catalogue.end_offsets([tp])[tp]
             found = self._catalogue.offsets_for_times({tp: self._start_ms}, timeout_ms=30_000).get(tp)
-            start = found.offset if found is not None else self._catalogue.end_offsets([tp])[tp]
+            start = found.offset if found is not None else end
             if self._names[tp.topic] == "clicks":
                 since = max(0, self._start_ms - self.settings.last_n_idle_ms)
                 early = self._catalogue.offsets_for_times({tp: since}, timeout_ms=30_000).get(tp)
