@@ -259,17 +259,18 @@ def _wait_applied(port: int, target: float, process: subprocess.Popen, what: str
     assert process.poll() is None, f"{what}: the worker exited"
 
 
-def _wait_done(settings, workers: list[subprocess.Popen]) -> None:
-    """Until the group and the owners have committed everything; on a timeout the workers' logs get every thread's
-    stack first (SIGUSR1), to show where one is stuck."""
+def _wait_done(settings, workers: dict[str, subprocess.Popen], tmp: Path) -> None:
+    """Until the group and the owners have committed everything. On a timeout every thread's stack is dumped into the
+    workers' logs (SIGUSR1), and the failure shows their ends: where a worker or its owner role is stuck."""
     try:
-        wait_for(lambda: _done(settings), 240, "the workers finishing the stream")
-    except AssertionError:
-        for process in workers:
+        wait_for(lambda: _done(settings), 150, "the workers finishing the stream")
+    except AssertionError as exc:
+        for process in workers.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGUSR1)
-        time.sleep(1)
-        raise
+        time.sleep(5)
+        tails = {name: (tmp / f"{name}.log").read_text().splitlines()[-80:] for name in workers}
+        raise AssertionError(f"{exc}\n" + "\n".join(f"--- {n}.log\n" + "\n".join(t) for n, t in tails.items())) from exc
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -304,7 +305,7 @@ def test_two_workers_one_sigkilled_count_exactly_what_one_worker_counts(kafka_se
         a.send_signal(signal.SIGKILL)  # mid-stream: its partitions, item partitions and open transaction move
         a.wait(30)
         live.join()
-        _wait_done(kafka_settings, [b])
+        _wait_done(kafka_settings, {"b": b}, tmp_path)
         _stop(b)
     finally:
         for p in (a, b):
@@ -328,7 +329,7 @@ def test_scale_one_two_one_counts_exactly_what_one_worker_counts(kafka_settings,
         assert live.sent < len(stream), "the stream ended before the second worker took over partitions"
         _stop(a)  # 2 -> 1: b takes them all once a's session ends
         live.join()
-        _wait_done(kafka_settings, [b])
+        _wait_done(kafka_settings, {"b": b}, tmp_path)
         _stop(b)
     finally:
         for p in (a, b):
