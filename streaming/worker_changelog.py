@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
 
 from kafka import KafkaConsumer, TopicPartition
 
@@ -154,21 +153,12 @@ class ChangelogState:
             return
         self._positions.update(self.item_path.changelog_positions)
         meta = {
-            "checkpoints": self.checkpoints,
-            "watermark_ms": self.builder.watermark_ms,
-            "model_version": self.model_version,
+            **self._meta(),
             "pending": [],
-            "builder": asdict(self.builder.stats),
-            "progress_s": self._progress_s,
             "changelog_positions": {str(p): o for p, o in self._positions.items()},
             "rows_positions": self.item_path.positions(),
-            **self.learner.meta(),
         }
-        self.state.checkpoint(offsets, meta)
-        self._stored_offsets = offsets
-        self._last_checkpoint = time.monotonic()
-        self.metrics.checkpoint.set(time.time())
-        self._update_gauges()
+        self._write(offsets, meta)
 
     def _abandon(self) -> None:
         """The transaction did not commit: forget what it held and read its events again."""

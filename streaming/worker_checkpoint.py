@@ -45,16 +45,11 @@ class Checkpoints:
         self.checkpoints += 1
         self._log_changes()
         meta = {
-            "checkpoints": self.checkpoints,
-            "watermark_ms": self.builder.watermark_ms,
-            "model_version": self.model_version,
+            **self._meta(),
             "pending": [asdict(e) for e in self.pending],
-            "builder": asdict(self.builder.stats),
             "replay_until": self._replay_until,
             "history_until": self._history_until,
             "replay_from_ms": self._replay_from_ms,
-            "progress_s": self._progress_s,
-            **self.learner.meta(),
         }
         offsets = self._offsets()
         txn = None
@@ -63,15 +58,30 @@ class Checkpoints:
             txn = self.item_path.prepare(self.checkpoints, {k: v for k, v in offsets.items() if k in assigned})
             meta["item_txn"] = txn
             meta["rows_positions"] = self.item_path.positions()
+        self._write(offsets, meta)
+        if txn is not None:
+            self.item_path.commit(txn, self._group)  # also commits the group's offsets (never a plain commit then)
+        else:
+            self._commit_group(offsets)
+
+    def _meta(self) -> dict:
+        """What every checkpoint's metadata holds, whichever way it commits."""
+        return {
+            "checkpoints": self.checkpoints,
+            "watermark_ms": self.builder.watermark_ms,
+            "model_version": self.model_version,
+            "builder": asdict(self.builder.stats),
+            "progress_s": self._progress_s,
+            **self.learner.meta(),
+        }
+
+    def _write(self, offsets: dict[str, int], meta: dict) -> None:
+        """The local RocksDB write of a checkpoint (state, offsets, metadata in one batch) and its gauges."""
         self.state.checkpoint(offsets, meta)
         self._stored_offsets = offsets
         self._last_checkpoint = time.monotonic()
         self.metrics.checkpoint.set(time.time())
         self._update_gauges()
-        if txn is not None:
-            self.item_path.commit(txn, self._group)  # also commits the group's offsets (never a plain commit then)
-        else:
-            self._commit_group(offsets)
 
     def _log_changes(self) -> None:
         """Record which users and items changed in this checkpoint, for the publisher to pick up."""
