@@ -168,7 +168,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr=settings.metrics_addr, registry=worker.metrics.registry)
     guard = ProcessGuard("worker", stall_s=settings.stall_timeout_s).install()
-    owner = _OwnerRole(kafka, settings, registry, worker, guard.stop) if settings.own_items else None
+    owner = _owner_role(kafka, settings, registry, worker.metrics.registry, guard.stop) if settings.own_items else None
     try:
         worker.run(guard.stop, exit_when_idle_s=args.exit_when_idle, beat=guard.beat)
         if owner is not None and args.exit_when_idle is not None and not guard.stop.is_set():
@@ -181,57 +181,36 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 70 if owner is not None and owner.failed else 0  # 70: EX_SOFTWARE, for the supervisor to restart it
 
 
-class _OwnerRole:
-    """The item-owner role in a worker process (``--own-items``): its own thread, member name and scratch state beside
-    the worker's, and its metrics on the worker's /metrics. It stops after the worker does."""
+def _owner_role(kafka, settings, registry, metrics_registry, stop):
+    """The item-owner role of a worker process (``--own-items``, :mod:`streaming.owner_role`): member name and
+    metrics of the worker, scratch state beside its own (one directory per life)."""
+    from streaming.item_owner import ItemOwner, OwnerSettings
+    from streaming.metrics import OwnerMetrics
+    from streaming.owner_role import OwnerRole
+    from trainer.artifact import load_version
 
-    def __init__(self, kafka, settings, registry, worker, stop) -> None:
-        import threading
+    metrics = OwnerMetrics(metrics_registry)
+    base = settings.state_dir.with_name(settings.state_dir.name + "-item-owner")
+    roles: list[OwnerRole] = []
 
-        from streaming.item_owner import ItemOwner, OwnerSettings
-        from streaming.metrics import OwnerMetrics
-        from trainer.artifact import load_version
-
+    def make(life: int) -> ItemOwner:
         owner_settings = OwnerSettings(
-            state_dir=settings.state_dir.with_name(settings.state_dir.name + "-item-owner"),
+            state_dir=base if life == 0 else base.with_name(f"{base.name}-{life}"),
             group_id=f"{settings.group_id}-item-owner",
             instance_id=settings.member_id(),
             table=settings.learner().item_table,
             session_timeout_ms=settings.session_timeout_ms,
+            stall_s=settings.owner_stall_s,
         )
-        self.owner = ItemOwner(
-            kafka,
-            owner_settings,
-            load_version(registry.path(registry.current())),
-            metrics=OwnerMetrics(worker.metrics.registry),
-            registry=registry,
+        version = registry.current() if not roles else roles[0].owner.model_version  # a new life: where the last was
+        owner = ItemOwner(
+            kafka, owner_settings, load_version(registry.path(version)), metrics=metrics, registry=registry
         )
-        self.stop = threading.Event()
-        self.failed = False
-        self._worker_stop = stop
-        self.thread = threading.Thread(target=self._run, name="item-owner", daemon=True)
-        self.thread.start()
-        logger.info("running the item-owner role as member %s", owner_settings.instance_id)
+        logger.info("running the item-owner role as member %s (life %d)", owner_settings.instance_id, life)
+        return owner
 
-    def _run(self) -> None:
-        try:
-            self.owner.run(self.stop)
-        except BaseException:  # noqa: BLE001 (the process must not go on without its owner role)
-            logger.exception("the item-owner role failed: stopping the worker")
-            self.failed = True
-            self._worker_stop.set()
-
-    def drain(self, idle_s: float) -> None:
-        """After an idle worker's exit: keep owning until no step has been committed for ``idle_s``."""
-        while self.thread.is_alive():
-            steps = self.owner.stats.steps
-            time.sleep(idle_s)
-            if self.owner.stats.steps == steps:
-                return
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=15)
+    roles.append(OwnerRole(make, stop, settings.owner_stall_s))
+    return roles[0]
 
 
 def cmd_item_owner(args: argparse.Namespace) -> int:
@@ -252,16 +231,16 @@ def cmd_item_owner(args: argparse.Namespace) -> int:
     ensure_topics(kafka, names=ITEM_PATH_TOPICS)
     given = {k: v for k, v in vars(args).items() if v is not None}
     table = TableSettings(**{k: given[k] for k in ("min_count", "lr") if k in given})
-    fields = ("state_dir", "group_id", "instance_id", "session_timeout_ms", "transaction_timeout_ms")
+    fields = ("state_dir", "group_id", "instance_id", "session_timeout_ms", "transaction_timeout_ms", "stall_s")
     settings = OwnerSettings(table=table, **{k: given[k] for k in fields if k in given})
     owner = ItemOwner(kafka, settings, load_version(registry.path(current)), registry=registry)
     if args.metrics_port:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr=args.metrics_addr, registry=owner.metrics.registry)
-    guard = ProcessGuard("item-owner", stall_s=0).install()
+    guard = ProcessGuard("item-owner", stall_s=settings.stall_s).install()  # stuck: exit 69, for the supervisor
     try:
-        owner.run(guard.stop, exit_when_idle_s=args.exit_when_idle)
+        owner.run(guard.stop, exit_when_idle_s=args.exit_when_idle, beat=guard.beat)
     finally:
         guard.done()
     print(json.dumps({**dataclasses.asdict(owner.stats), "owned": sorted(owner.owned)}, sort_keys=True))
@@ -345,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-count", type=int, help="admission count of ids the model does not know (default: 2)")
     p.add_argument("--session-timeout-ms", type=int, help="group session timeout (default: 15000)")
     p.add_argument("--transaction-timeout-ms", type=int, help="Kafka transaction timeout (default: 10000)")
+    p.add_argument("--stall-s", type=float, help="exit (69) when the loop is stuck this long (default: 120; 0: off)")
     p.add_argument("--metrics-port", type=int, default=9105, help="serve Prometheus /metrics on PORT (0: off)")
     p.add_argument("--metrics-addr", default="127.0.0.1", help="address the /metrics server binds")
     p.add_argument("--exit-when-idle", type=float, help="exit after this many seconds without a gradient")

@@ -43,6 +43,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,10 @@ class OwnerSettings:
     # (plus the broker's abort check, every 10 s by default). A restarted member with the same instance_id aborts it
     # at once.
     transaction_timeout_ms: int = 10_000
+    # A loop that has not come round for this long is stuck inside a client call: the worker replaces the role
+    # (streaming.owner_role), a standalone owner exits (69) for its supervisor to restart it. 0: off. Longer than a
+    # restore may wait for a killed owner's transaction (3 x transaction_timeout_ms).
+    stall_s: float = 120.0
 
     def member(self) -> str:
         return self.instance_id or f"owner-{uuid.uuid4().hex[:8]}"
@@ -115,6 +120,8 @@ class ItemOwner:
         self.grads_topic = kafka.topic("item-grads")
         self.rows_topic = kafka.topic("item-rows")
         self.stats = OwnerStats()
+        self.beat_at = time.monotonic()  # the loop's last round (streaming.owner_role's watchdog)
+        self._beat: Callable[[], None] | None = None
         self.member = settings.member()
         self.owned: set[int] = set()
         self._generation = 0
@@ -149,6 +156,7 @@ class ItemOwner:
             **common,
         )
         subscribe(self.consumer, [self.grads_topic], self._on_assigned, self._on_revoked)
+        self.beat_at = time.monotonic()
 
     def _adopt(self, version: ModelVersion) -> None:
         self.model_version = version.version_id
@@ -204,6 +212,7 @@ class ItemOwner:
             end = self._hw.end_offsets(tps)
             deadline = time.monotonic() + 3 * self.settings.transaction_timeout_ms / 1000
             while any(self._rows.position(tp) < end[tp] for tp in tps):
+                self._tick()
                 if time.monotonic() > deadline:
                     behind = {tp.partition: (self._rows.position(tp), end[tp]) for tp in tps}
                     raise RuntimeError(f"{self.rows_topic}: a transaction did not end in time; at/end {behind}")
@@ -328,11 +337,20 @@ class ItemOwner:
             logger.warning("could not rewind after an aborted step: %s", exc)
 
     # ------------------------------------------------------------------ loop
-    def run(self, stop: threading.Event, *, exit_when_idle_s: float | None = None) -> None:
-        """Step until ``stop`` is set (SIGTERM-safe: a step is a transaction, committed or aborted before exit)."""
+    def run(
+        self,
+        stop: threading.Event,
+        *,
+        exit_when_idle_s: float | None = None,
+        beat: Callable[[], None] | None = None,
+    ) -> None:
+        """Step until ``stop`` is set (SIGTERM-safe: a step is a transaction, committed or aborted before exit).
+        ``beat`` is called every round, as :attr:`beat_at` is set (a watchdog's)."""
         last = time.monotonic()
+        self._beat = beat
         try:
             while not stop.is_set():
+                self._tick()
                 restores = self.stats.restores
                 if self.step() or self.stats.restores != restores:  # idle counts from the last gradient or move
                     last = time.monotonic()
@@ -340,6 +358,11 @@ class ItemOwner:
                     break
         finally:
             self.close()
+
+    def _tick(self) -> None:
+        self.beat_at = time.monotonic()
+        if self._beat is not None:
+            self._beat()
 
     def close(self) -> None:
         if self._closed:

@@ -221,3 +221,10 @@ def setup_logging(level: str | int = logging.INFO) -> None:
     logging.getLogger("kafka").setLevel(logging.WARNING)
     logging.getLogger("kafka.net").setLevel(logging.CRITICAL)
     logging.getLogger("kafka.conn").setLevel(logging.CRITICAL)
+    logging.getLogger("kafka.cluster").addFilter(_drop_cancelled)
+
+
+def _drop_cancelled(record: logging.LogRecord) -> bool:
+    """The client logs a metadata request it cancels itself, when it closes, as an error ("Metadata refresh: failed
+    Cancelled"): not a fault, and a process that exits for a real one should say only that one."""
+    return not any(type(arg).__name__ == "Cancelled" for arg in (record.args or ()))

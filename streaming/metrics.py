@@ -108,6 +108,11 @@ class OwnerMetrics:
         self.lag = Gauge(
             "freshtower_item_owner_lag", "Gradient records behind the partition's end", ["partition"], registry=r
         )
+        self.replacements = Counter(
+            "freshtower_item_owner_replacements_total",
+            "Lives of the item-owner role in a worker replaced by its watchdog (stuck for stall_s)",
+            registry=r,
+        )
         self.progress = Gauge(
             "freshtower_item_owner_progress_timestamp_seconds",
             "Wall-clock time the owner last committed a step or found nothing to apply",

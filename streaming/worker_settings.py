@@ -59,8 +59,10 @@ class WorkerSettings:
     # the event partitions; each partition's user state goes to the user-state changelog topic in the checkpoint's
     # Kafka transaction and moves with the partition (streaming.changelog). Needs item_rows = "owner".
     user_state: str = "local"
-    # Run the item-owner role (streaming.item_owner) in this process too, beside the worker's own loop.
+    # Run the item-owner role (streaming.item_owner) in this process too, beside the worker's own loop. A life of
+    # the role stuck this long inside a client call is replaced by a new one (streaming.owner_role). 0: off.
     own_items: bool = False
+    owner_stall_s: float = 120.0
     change_log_checkpoints: int = 10_000
     metrics_port: int = 9101
     metrics_addr: str = "127.0.0.1"

@@ -61,6 +61,7 @@ def _env() -> dict[str, str]:
         "PYTHONPATH": str(REPO),
         "FRESHTOWER_CHECKPOINT_INTERVAL_S": "0.3",
         "FRESHTOWER_SESSION_TIMEOUT_MS": "6000",  # the broker's minimum: a killed worker's partitions move soon
+        "FRESHTOWER_OWNER_STALL_S": "20",  # a stuck owner role is replaced well within the waits below
     }
 
 
@@ -115,8 +116,9 @@ def _read_committed(settings, topic: str) -> tuple[dict[bytes, bytes | None], di
     return last, after
 
 
-def _done(settings) -> bool:
-    """The group has committed every event, and the item owners every gradient sent."""
+def _shortfall(settings) -> dict[str, dict[str, tuple[int, int]]]:
+    """What the group has not committed yet (committed offset, end) per input partition, and what the item owners have
+    not (committed, after the last gradient sent) per ``item-grads`` partition; empty when both are done."""
     topics = [settings.topic(t) for t in ("users", "impressions", "clicks")]
     hw = KafkaConsumer(group_id=None, **settings.client_config())
     try:
@@ -124,11 +126,17 @@ def _done(settings) -> bool:
         ends = hw.end_offsets(tps)
     finally:
         hw.close()
-    if _committed(settings, GROUP, topics) != ends:
-        return False
-    _, grads = _read_committed(settings, settings.topic("item-grads"))
-    owners = _committed(settings, f"{GROUP}-item-owner", [settings.topic("item-grads")])
-    return all(owners[TopicPartition(settings.topic("item-grads"), p)] >= o for p, o in grads.items())
+    committed = _committed(settings, GROUP, topics)
+    short = {f"{tp.topic}:{tp.partition}": (committed[tp], end) for tp, end in ends.items() if committed[tp] != end}
+    if short:
+        return {"workers": short}
+    grads_topic = settings.topic("item-grads")
+    _, grads = _read_committed(settings, grads_topic)
+    owners = _committed(settings, f"{GROUP}-item-owner", [grads_topic])
+    behind = {f"{grads_topic}:{p}": (owners[TopicPartition(grads_topic, p)], o) for p, o in grads.items()}
+    return (
+        {"owners": {k: v for k, v in behind.items() if v[0] < v[1]}} if any(a < b for a, b in behind.values()) else {}
+    )
 
 
 def _group_state(settings, dest: Path) -> dict[str, object]:
@@ -261,16 +269,35 @@ def _wait_applied(port: int, target: float, process: subprocess.Popen, what: str
 
 def _wait_done(settings, workers: dict[str, subprocess.Popen], tmp: Path) -> None:
     """Until the group and the owners have committed everything. On a timeout every thread's stack is dumped into the
-    workers' logs (SIGUSR1), and the failure shows their ends: where a worker or its owner role is stuck."""
+    workers' logs (SIGUSR1), and the failure says what is not committed, each worker's last log lines and the stacks
+    of its threads that run this project's code: where a worker or its owner role is stuck."""
     try:
-        wait_for(lambda: _done(settings), 150, "the workers finishing the stream")
+        wait_for(lambda: not _shortfall(settings), 150, "the workers finishing the stream")
     except AssertionError as exc:
         for process in workers.values():
             if process.poll() is None:
                 process.send_signal(signal.SIGUSR1)
         time.sleep(5)
-        tails = {name: (tmp / f"{name}.log").read_text().splitlines()[-80:] for name in workers}
-        raise AssertionError(f"{exc}\n" + "\n".join(f"--- {n}.log\n" + "\n".join(t) for n, t in tails.items())) from exc
+        report = [str(exc), f"not committed (committed, end): {_shortfall(settings)}"]
+        for name, process in workers.items():
+            report += [f"--- {name}.log (exit {process.poll()})", *_log_digest((tmp / f"{name}.log").read_text())]
+        raise AssertionError("\n".join(report)) from exc
+
+
+def _log_digest(log: str, lines: int = 40) -> list[str]:
+    """A log's last ``lines`` log lines, then the dumped stacks (faulthandler) of the threads in this project's code."""
+    stacks, current, records = [], [], []
+    for line in log.splitlines():
+        if line.startswith(("Thread 0x", "Current thread 0x")):
+            current = [line]
+            stacks.append(current)
+        elif line.startswith("  File ") and current:
+            current.append(line)
+        else:
+            current = []
+            records.append(line)
+    ours = [s for s in stacks if any(f"{REPO}/" in f and "/.venv/" not in f for f in s[1:])]
+    return records[-lines:] + [line for stack in ours for line in stack]
 
 
 def _stop(process: subprocess.Popen) -> None:

@@ -9,6 +9,7 @@ runs with the zstd library hidden from it (a ``sitecustomize`` on its path), as 
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -19,11 +20,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+from kafka.errors import Cancelled, KafkaConnectionError
 
 from publisher.store import RocksStore
 from streaming.archive import days, read_events, visible_files
 from streaming.events import Click
-from streaming.lifecycle import EXIT_STALLED
+from streaming.lifecycle import EXIT_STALLED, _drop_cancelled
 from streaming.settings import KafkaSettings
 from streaming.topics import ensure_topics
 from tests.conftest import Broker, free_port
@@ -224,6 +226,15 @@ def test_an_unreadable_batch_ends_worker_and_sink_with_69_and_a_restart_with_the
     assert saved["meta"]["examples"] == sum(isinstance(e, Click) for e in day_two)
     assert sum(saved["offsets"].values()) == len(day_two)
     assert len(archived(archive)) == len(day_two)
+
+
+def test_the_clients_own_cancel_at_close_is_not_logged_as_an_error_and_a_real_metadata_failure_is() -> None:
+    def record(exc: Exception) -> logging.LogRecord:
+        return logging.LogRecord("kafka.cluster", logging.ERROR, "cluster.py", 175, "Metadata refresh: failed %s",
+                                 (exc,), None)  # fmt: skip
+
+    assert not _drop_cancelled(record(Cancelled()))
+    assert _drop_cancelled(record(KafkaConnectionError("broker gone")))
 
 
 GUARDED = """

@@ -1,0 +1,102 @@
+"""The item-owner role in a worker (streaming.owner_role) on the real broker: a life stuck inside a client call is
+replaced and no gradient is lost or applied twice; a life that fails stops the worker."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streaming.item_owner import ItemOwner, OwnerSettings
+from streaming.metrics import OwnerMetrics
+from streaming.owner_role import OwnerRole
+from streaming.settings import KafkaSettings
+from streaming.topics import ITEM_PATH_TOPICS, ensure_topics
+from tests.test_item_owner import _gradients, _progress, _reference, _send
+from tests.worker_fixtures import committed_item_rows, register_model, split_world, wait_for
+from trainer.artifact import ModelVersion, load_version
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(scope="module")
+def version(tmp_path_factory: pytest.TempPathFactory) -> ModelVersion:
+    _, day_one, _ = split_world()
+    return load_version(register_model(tmp_path_factory.mktemp("role-models"), day_one).path("v1"))
+
+
+def _settings(tmp_path: Path, life: int, stall_s: float) -> OwnerSettings:
+    return OwnerSettings(
+        state_dir=tmp_path / f"owner-{life}", instance_id="w1", session_timeout_ms=6000, stall_s=stall_s
+    )
+
+
+def test_a_life_stuck_in_poll_is_replaced_and_every_gradient_is_applied_exactly_once(
+    kafka_settings: KafkaSettings, version: ModelVersion, tmp_path: Path
+) -> None:
+    ensure_topics(kafka_settings, names=ITEM_PATH_TOPICS)
+    items = [*version.encoder.item_vocab.tokens[:60], *(f"new-{k}" for k in range(10))]
+    gradients = _gradients(items, 1_200, seed=7)
+    expected = _reference(version, gradients, kafka_settings.partitions, tmp_path)
+    metrics = OwnerMetrics()
+    release = threading.Event()  # set at the end only: until then the first life's poll never returns
+
+    def make(life: int) -> ItemOwner:
+        owner = ItemOwner(kafka_settings, _settings(tmp_path, life, stall_s=4), version, metrics=metrics)
+        if life == 0:
+            poll = owner.consumer.poll
+
+            def stuck_after_a_step(*args, **kwargs):
+                if owner.stats.steps > 0:  # as kafka-python 3.0's poll was seen to: waits for good, mid-stream
+                    release.wait()
+                return poll(*args, **kwargs)
+
+            owner.consumer.poll = stuck_after_a_step
+        return owner
+
+    worker_stop = threading.Event()
+    role = OwnerRole(make, worker_stop, stall_s=4)
+    try:
+        _send(kafka_settings, gradients[:600])
+        wait_for(lambda: role.life == 1, 60, "the stuck life replaced")
+        _send(kafka_settings, gradients[600:])
+        wait_for(lambda: _progress(kafka_settings) == len(gradients), 90, "every gradient committed")
+        assert not role.failed and not worker_stop.is_set() and role.life == 1
+        assert metrics.registry.get_sample_value("freshtower_item_owner_replacements_total") == 1
+        assert sorted(role.owner.owned) == list(range(kafka_settings.partitions))  # the new life took them all
+    finally:
+        role.close()
+        release.set()
+    # The first life applied some steps before it stuck; the second restored them from item-rows and went on from the
+    # committed offsets: the rows are an uninterrupted owner's, bit for bit.
+    mirror, _ = committed_item_rows(kafka_settings)
+    assert mirror.ids() == sorted(expected)
+    for item_id, row in expected.items():
+        assert np.array_equal(mirror.row(item_id), row), item_id
+
+
+def test_a_life_that_fails_stops_the_worker_instead_of_being_replaced(
+    kafka_settings: KafkaSettings, version: ModelVersion, tmp_path: Path
+) -> None:
+    ensure_topics(kafka_settings, names=ITEM_PATH_TOPICS)
+
+    def make(life: int) -> ItemOwner:
+        owner = ItemOwner(kafka_settings, _settings(tmp_path, life, stall_s=30), version)
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("a bug in the owner")
+
+        owner.step = broken
+        return owner
+
+    worker_stop = threading.Event()
+    role = OwnerRole(make, worker_stop, stall_s=30)
+    try:
+        assert worker_stop.wait(30), "the worker was not stopped"
+        assert role.failed and role.life == 0
+        role.thread.join(10)
+        assert not role.thread.is_alive()
+    finally:
+        role.close()
