@@ -191,9 +191,8 @@ def _owner_role(kafka, settings, registry, metrics_registry, stop):
 
     metrics = OwnerMetrics(metrics_registry)
     base = settings.state_dir.with_name(settings.state_dir.name + "-item-owner")
-    roles: list[OwnerRole] = []
 
-    def make(life: int) -> ItemOwner:
+    def make(life: int, previous: ItemOwner | None) -> ItemOwner:
         owner_settings = OwnerSettings(
             state_dir=base if life == 0 else base.with_name(f"{base.name}-{life}"),
             group_id=f"{settings.group_id}-item-owner",
@@ -202,15 +201,14 @@ def _owner_role(kafka, settings, registry, metrics_registry, stop):
             session_timeout_ms=settings.session_timeout_ms,
             stall_s=settings.owner_stall_s,
         )
-        version = registry.current() if not roles else roles[0].owner.model_version  # a new life: where the last was
+        version = registry.current() if previous is None else previous.model_version  # a new life: where the last was
         owner = ItemOwner(
             kafka, owner_settings, load_version(registry.path(version)), metrics=metrics, registry=registry
         )
         logger.info("running the item-owner role as member %s (life %d)", owner_settings.instance_id, life)
         return owner
 
-    roles.append(OwnerRole(make, stop, settings.owner_stall_s))
-    return roles[0]
+    return OwnerRole(make, stop, settings.owner_stall_s)
 
 
 def cmd_item_owner(args: argparse.Namespace) -> int:

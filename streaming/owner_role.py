@@ -32,17 +32,20 @@ logger = logging.getLogger(__name__)
 
 
 class OwnerRole:
-    """Runs ``make(life)`` (life 0, then 1, 2... for each replacement) in a thread until :meth:`close`; sets
-    ``worker_stop`` and :attr:`failed` if a life fails with an error. ``stall_s``: the watchdog's limit (0: off)."""
+    """Runs the owner ``make(life, previous)`` gives (life 0 with no previous life, then 1, 2... for each
+    replacement) in a thread until :meth:`close`; sets ``worker_stop`` and :attr:`failed` if a life fails with an
+    error. ``stall_s``: the watchdog's limit (0: off)."""
 
-    def __init__(self, make: Callable[[int], ItemOwner], worker_stop: threading.Event, stall_s: float) -> None:
+    def __init__(
+        self, make: Callable[[int, ItemOwner | None], ItemOwner], worker_stop: threading.Event, stall_s: float
+    ) -> None:
         self._make = make
         self._worker_stop = worker_stop
         self.stall_s = stall_s
         self.stop = threading.Event()
         self.failed = False
         self.life = 0
-        self.owner = make(0)
+        self.owner = make(0, None)
         self.thread = self._start(self.owner)
         if stall_s > 0:
             threading.Thread(target=self._watch, name="item-owner-watchdog", daemon=True).start()
@@ -84,7 +87,7 @@ class OwnerRole:
         closer.start()
         closer.join(10)
         self.life += 1
-        self.owner = self._make(self.life)
+        self.owner = self._make(self.life, old)
         self.thread = self._start(self.owner)
         thread.join(5)
         if not thread.is_alive() and not closer.is_alive():

@@ -43,7 +43,7 @@ def test_a_life_stuck_in_poll_is_replaced_and_every_gradient_is_applied_exactly_
     metrics = OwnerMetrics()
     release = threading.Event()  # set at the end only: until then the first life's poll never returns
 
-    def make(life: int) -> ItemOwner:
+    def make(life: int, _previous: ItemOwner | None) -> ItemOwner:
         owner = ItemOwner(kafka_settings, _settings(tmp_path, life, stall_s=4), version, metrics=metrics)
         if life == 0:
             poll = owner.consumer.poll
@@ -82,7 +82,7 @@ def test_a_life_that_fails_stops_the_worker_instead_of_being_replaced(
 ) -> None:
     ensure_topics(kafka_settings, names=ITEM_PATH_TOPICS)
 
-    def make(life: int) -> ItemOwner:
+    def make(life: int, _previous: ItemOwner | None) -> ItemOwner:
         owner = ItemOwner(kafka_settings, _settings(tmp_path, life, stall_s=30), version)
 
         def broken(*args, **kwargs):
