@@ -21,7 +21,15 @@ from streaming.item_rows import Gradient, decode_gradient
 from streaming.topics import ITEM_PATH_TOPICS, ensure_topics
 from tests.conftest import free_port
 from tests.test_worker_recovery import events_applied, worker_command
-from tests.worker_fixtures import committed_item_rows, produce, read_state, register_model, split_world, wait_for
+from tests.worker_fixtures import (
+    committed_item_rows,
+    committed_records,
+    produce,
+    read_state,
+    register_model,
+    split_world,
+    wait_for,
+)
 from trainer.artifact import load_version
 from trainer.registry import Registry
 
@@ -32,22 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def committed_gradients(settings) -> list:
     """Every gradient record committed to item-grads (read committed, up to the high watermark)."""
-    topic = settings.topic("item-grads")
-    hw = KafkaConsumer(group_id=None, **settings.client_config())
-    reader = KafkaConsumer(group_id=None, isolation_level="read_committed", **settings.client_config())
-    tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic))]
-    reader.assign(tps)
-    reader.seek_to_beginning(*tps)
-    end = hw.end_offsets(tps)
-    out = []
-    deadline = time.monotonic() + 60
-    while any(reader.position(tp) < end[tp] for tp in tps):
-        assert time.monotonic() < deadline, "a transaction on item-grads did not end"
-        for batch in reader.poll(timeout_ms=500).values():
-            out += [decode_gradient(r.key.decode(), r.value) for r in batch]
-    reader.close()
-    hw.close()
-    return out
+    return [decode_gradient(r.key.decode(), r.value) for r in committed_records(settings, settings.topic("item-grads"))]
 
 
 def owner_applied(port: int) -> float:

@@ -41,7 +41,7 @@ from streaming.topics import SCALE_OUT_TOPICS, ensure_topics, topic_for
 from tests.conftest import free_port
 from tests.test_item_path import committed_gradients
 from tests.test_worker_recovery import events_applied, worker_command
-from tests.worker_fixtures import read_state, register_model, split_world, wait_for
+from tests.worker_fixtures import committed_records, read_state, register_model, split_world, wait_for
 from trainer.artifact import load_version
 from trainer.registry import Registry
 
@@ -93,29 +93,6 @@ def _committed(settings, group: str, topics: list[str]) -> dict[TopicPartition, 
         consumer.close()
 
 
-def _read_committed(settings, topic: str) -> tuple[dict[bytes, bytes | None], dict[int, int]]:
-    """The last value of every key of ``topic`` (read committed, to the high watermark), and the offset after each
-    partition's last record."""
-    hw = KafkaConsumer(group_id=None, **settings.client_config())
-    reader = KafkaConsumer(group_id=None, isolation_level="read_committed", **settings.client_config())
-    tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic))]
-    reader.assign(tps)
-    reader.seek_to_beginning(*tps)
-    end = hw.end_offsets(tps)
-    last: dict[bytes, bytes | None] = {}
-    after: dict[int, int] = {}
-    deadline = time.monotonic() + 60
-    while any(reader.position(tp) < end[tp] for tp in tps):
-        assert time.monotonic() < deadline, f"a transaction on {topic} did not end"
-        for batch in reader.poll(timeout_ms=500).values():
-            for r in batch:
-                last[r.key] = r.value
-                after[r.partition] = r.offset + 1
-    reader.close()
-    hw.close()
-    return last, after
-
-
 def _shortfall(settings) -> dict[str, dict[str, tuple[int, int]]]:
     """What the group has not committed yet (committed offset, end) per input partition, and what the item owners have
     not (committed, after the last gradient sent) per ``item-grads`` partition; empty when both are done."""
@@ -131,7 +108,7 @@ def _shortfall(settings) -> dict[str, dict[str, tuple[int, int]]]:
     if short:
         return {"workers": short}
     grads_topic = settings.topic("item-grads")
-    _, grads = _read_committed(settings, grads_topic)
+    grads = {r.partition: r.offset + 1 for r in committed_records(settings, grads_topic)}  # after each one's last
     owners = _committed(settings, f"{GROUP}-item-owner", [grads_topic])
     behind = {f"{grads_topic}:{p}": (owners[TopicPartition(grads_topic, p)], o) for p, o in grads.items()}
     return (

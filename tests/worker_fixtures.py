@@ -77,28 +77,35 @@ def produce_raw(settings: KafkaSettings, records: list[tuple[str, bytes, bytes]]
     raw.close()
 
 
-def committed_item_rows(
-    settings: KafkaSettings, timeout_s: float = 60.0, model_version: str = "v1"
-) -> tuple[RowsMirror, dict[bytes, bytes | None]]:
-    """``item-rows`` as a read-committed reader sees it once no transaction is open: the mirror and the last value
-    of every key."""
-    topic = settings.topic("item-rows")
+def committed_records(settings: KafkaSettings, topic: str, timeout_s: float = 60.0) -> list:
+    """Every record of ``topic`` a read-committed reader sees once no transaction is open there (read to the high
+    watermark, not to the last stable offset), partition by partition in offset order."""
     hw_reader = KafkaConsumer(group_id=None, **settings.client_config())
     reader = KafkaConsumer(group_id=None, isolation_level="read_committed", **settings.client_config())
     tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic))]
     reader.assign(tps)
     reader.seek_to_beginning(*tps)
     end = hw_reader.end_offsets(tps)
-    mirror, last = RowsMirror(model_version), {}
+    records = []
     deadline = time.monotonic() + timeout_s
     while any(reader.position(tp) < end[tp] for tp in tps):
-        assert time.monotonic() < deadline, "a transaction on item-rows did not end"
+        assert time.monotonic() < deadline, f"a transaction on {topic} did not end"
         for batch in reader.poll(timeout_ms=500).values():
-            for r in batch:
-                mirror.apply(r.key, r.value, dict(r.headers)[MODEL_HEADER].decode())
-                last[r.key] = r.value
+            records += batch
     reader.close()
     hw_reader.close()
+    return records
+
+
+def committed_item_rows(
+    settings: KafkaSettings, timeout_s: float = 60.0, model_version: str = "v1"
+) -> tuple[RowsMirror, dict[bytes, bytes | None]]:
+    """``item-rows`` as a read-committed reader sees it once no transaction is open: the mirror and the last value
+    of every key."""
+    mirror, last = RowsMirror(model_version), {}
+    for r in committed_records(settings, settings.topic("item-rows"), timeout_s):
+        mirror.apply(r.key, r.value, dict(r.headers)[MODEL_HEADER].decode())
+        last[r.key] = r.value
     return mirror, last
 
 
