@@ -3,6 +3,9 @@ replaced and no gradient is lost or applied twice; a life that fails stops the w
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import numpy as np
 import pytest
 
 from streaming.item_owner import ItemOwner, OwnerSettings
+from streaming.lifecycle import EXIT_STALLED
 from streaming.metrics import OwnerMetrics
 from streaming.owner_role import OwnerRole
 from streaming.settings import KafkaSettings
@@ -17,14 +21,24 @@ from streaming.topics import ITEM_PATH_TOPICS, ensure_topics
 from tests.test_item_owner import _gradients, _progress, _reference, _send
 from tests.worker_fixtures import committed_item_rows, register_model, split_world, wait_for
 from trainer.artifact import ModelVersion, load_version
+from trainer.registry import Registry
 
 pytestmark = pytest.mark.kafka
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 @pytest.fixture(scope="module")
-def version(tmp_path_factory: pytest.TempPathFactory) -> ModelVersion:
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _, day_one, _ = split_world()
-    return load_version(register_model(tmp_path_factory.mktemp("role-models"), day_one).path("v1"))
+    root = tmp_path_factory.mktemp("role-models")
+    register_model(root, day_one)
+    return root
+
+
+@pytest.fixture(scope="module")
+def version(models: Path) -> ModelVersion:
+    return load_version(Registry(models).path("v1"))
 
 
 def _settings(tmp_path: Path, life: int, stall_s: float) -> OwnerSettings:
@@ -100,3 +114,33 @@ def test_a_life_that_fails_stops_the_worker_instead_of_being_replaced(
         assert not role.thread.is_alive()
     finally:
         role.close()
+
+
+# Loaded before the owner process (sitecustomize): the owner group's poll waits for good, as kafka-python 3.0's did.
+HANG = """
+import threading
+from kafka import KafkaConsumer
+poll = KafkaConsumer.poll
+def hang(self, *args, **kwargs):
+    if self.config["group_id"] and self.config["client_id"] == "freshtower-item-owner":
+        threading.Event().wait()
+    return poll(self, *args, **kwargs)
+KafkaConsumer.poll = hang
+"""
+
+
+def test_a_standalone_owner_stuck_in_poll_exits_69_for_its_supervisor(
+    kafka_settings: KafkaSettings, models: Path, tmp_path: Path
+) -> None:
+    ensure_topics(kafka_settings, names=ITEM_PATH_TOPICS)
+    (tmp_path / "hang").mkdir()
+    (tmp_path / "hang" / "sitecustomize.py").write_text(HANG)
+    command = [
+        sys.executable, "-m", "streaming", "item-owner", "--bootstrap", kafka_settings.bootstrap_servers,
+        "--topic-prefix", kafka_settings.topic_prefix, "--models", str(models), "--state-dir", str(tmp_path / "o"),
+        "--metrics-port", "0", "--stall-s", "3",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path / 'hang'}{os.pathsep}{REPO}"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == EXIT_STALLED, done.stderr[-3000:]
+    assert "item-owner made no progress for" in done.stderr and "hang" in done.stderr, done.stderr[-3000:]
