@@ -45,6 +45,7 @@ class OwnerRole:
         self.stop = threading.Event()
         self.failed = False
         self.life = 0
+        self._retired: set[ItemOwner] = set()  # replaced lives: how they end is not the role's failure
         self.owner = make(0, None)
         self.thread = self._start(self.owner)
         if stall_s > 0:
@@ -59,7 +60,7 @@ class OwnerRole:
         try:
             owner.run(self.stop)
         except BaseException as exc:  # noqa: BLE001 (the process must not go on without its owner role)
-            if owner is not self.owner:  # a replaced life, woken by the close of its clients
+            if owner in self._retired:  # a replaced life, woken by the close of its clients
                 logger.info("the replaced item-owner life ended: %s: %s", type(exc).__name__, exc)
                 return
             logger.exception("the item-owner role failed: stopping the worker")
@@ -82,13 +83,24 @@ class OwnerRole:
             "partitions are restored from item-rows", quiet, self.stall_s, where or "?",
         )  # fmt: skip
         old.metrics.replacements.inc()
+        self._retired.add(old)
         # Closing its clients from here ends a wait on their network loop; bounded, as a close may hang too.
         closer = threading.Thread(target=old.close, name="item-owner-close", daemon=True)
         closer.start()
         closer.join(10)
+        if self.stop.is_set():  # the worker is stopping: no new life
+            return
+        try:
+            owner = self._make(self.life + 1, old)
+        except Exception:  # noqa: BLE001 (no owner role: the worker must stop, for its supervisor to restart it)
+            logger.exception("the item-owner role could not be started again: stopping the worker")
+            self.failed = True
+            self._worker_stop.set()
+            self.stop.set()
+            return
         self.life += 1
-        self.owner = self._make(self.life, old)
-        self.thread = self._start(self.owner)
+        self.owner = owner
+        self.thread = self._start(owner)
         thread.join(5)
         if not thread.is_alive() and not closer.is_alive():
             shutil.rmtree(old.settings.state_dir, ignore_errors=True)

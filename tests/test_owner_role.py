@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from kafka.errors import KafkaConnectionError
 
 from streaming.item_owner import ItemOwner, OwnerSettings
 from streaming.lifecycle import EXIT_STALLED
@@ -55,19 +56,25 @@ def test_a_life_stuck_in_poll_is_replaced_and_every_gradient_is_applied_exactly_
     gradients = _gradients(items, 1_200, seed=7)
     expected = _reference(version, gradients, kafka_settings.partitions, tmp_path)
     metrics = OwnerMetrics()
-    release = threading.Event()  # set at the end only: until then the first life's poll never returns
 
     def make(life: int, _previous: ItemOwner | None) -> ItemOwner:
         owner = ItemOwner(kafka_settings, _settings(tmp_path, life, stall_s=4), version, metrics=metrics)
         if life == 0:
-            poll = owner.consumer.poll
+            # As kafka-python 3.0's poll was seen to: mid-stream, it waits for good on its network loop, until the
+            # client is closed, which stops the loop and fails the wait.
+            poll, close, closed = owner.consumer.poll, owner.close, threading.Event()
 
             def stuck_after_a_step(*args, **kwargs):
-                if owner.stats.steps > 0:  # as kafka-python 3.0's poll was seen to: waits for good, mid-stream
-                    release.wait()
+                if owner.stats.steps > 0:
+                    closed.wait()
+                    raise KafkaConnectionError("Event loop stopped")
                 return poll(*args, **kwargs)
 
-            owner.consumer.poll = stuck_after_a_step
+            def close_and_fail_the_wait() -> None:
+                closed.set()
+                close()
+
+            owner.consumer.poll, owner.close = stuck_after_a_step, close_and_fail_the_wait
         return owner
 
     worker_stop = threading.Event()
@@ -82,7 +89,6 @@ def test_a_life_stuck_in_poll_is_replaced_and_every_gradient_is_applied_exactly_
         assert sorted(role.owner.owned) == list(range(kafka_settings.partitions))  # the new life took them all
     finally:
         role.close()
-        release.set()
     # The first life applied some steps before it stuck; the second restored them from item-rows and went on from the
     # committed offsets: the rows are an uninterrupted owner's, bit for bit.
     mirror, _ = committed_item_rows(kafka_settings)
