@@ -22,6 +22,7 @@ from prometheus_server import Pushgateway
 from streaming.archive import ArchiveWriter
 from streaming.sources.synthetic import SyntheticWorld, WorldConfig
 from tests.full_fixtures import DAY1, DAY2, MODEL, full_settings
+from tests.worker_fixtures import wait_for
 from trainer.artifact import load_version
 from trainer.full import run_full
 from trainer.registry import Registry
@@ -29,6 +30,7 @@ from trainer.train import TrainConfig
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
+START, END = "freshtower_full_last_start_timestamp_seconds", "freshtower_full_last_run_timestamp_seconds"
 CONFIG = "[model]\ndim = 16\nid_dim = 16\nhidden = [64]\n\n[train]\nbatch_size = 128\n"
 
 
@@ -63,25 +65,26 @@ def test_sigkill_at_random_moments_leaves_a_whole_registry(tmp_path: Path) -> No
         def launch() -> subprocess.Popen[bytes]:
             return subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-        # One whole run, to learn when a run pushes its start and when it ends.
-        began = time.time()
+        # One whole run, to learn how long a run takes from the start it pushes to its end.
         assert launch().wait(timeout=300) == 0
-        ended = time.time()
-        started_after = gateway.value("freshtower_full_last_start_timestamp_seconds") - began
+        span = gateway.value(END) - gateway.value(START)
         assert Registry(models).current() != first.version_id
 
         rng = random.Random(11)
         killed_mid_run = 0
         for _ in range(4):
-            start0 = gateway.value("freshtower_full_last_start_timestamp_seconds")
-            end0 = gateway.value("freshtower_full_last_run_timestamp_seconds")
+            start0, end0 = gateway.value(START), gateway.value(END)
             proc = launch()
-            time.sleep(rng.uniform(started_after, ended - began))
+            # A random moment of the run itself, counted from the start it pushes. (A window from the whole run's
+            # start push to its exit, 1.6 s to 4.1 s here, held the 1.4 s of the run itself about half the time, so
+            # all four kills missed it about once in 25 runs; a process killed before its start wrote nothing.)
+            started = lambda p=proc, s0=start0: gateway.value(START) != s0 or p.poll() is not None  # noqa: E731
+            wait_for(started, 120, "the run starting")
+            time.sleep(rng.uniform(0, span))
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
             check_registry(models)  # the version current before, or the whole one the killed run promoted
-            start1 = gateway.value("freshtower_full_last_start_timestamp_seconds")
-            end1 = gateway.value("freshtower_full_last_run_timestamp_seconds")
+            start1, end1 = gateway.value(START), gateway.value(END)
             if start1 != start0 and end1 == end0:
                 killed_mid_run += 1
                 assert gateway.value("freshtower_full_running") == 1  # FreshtowerNightlyStuck's signal
