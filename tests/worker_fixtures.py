@@ -79,7 +79,7 @@ def produce_raw(settings: KafkaSettings, records: list[tuple[str, bytes, bytes]]
 
 def committed_records(settings: KafkaSettings, topic: str, timeout_s: float = 60.0) -> list:
     """Every record of ``topic`` a read-committed reader sees once no transaction is open there (read to the high
-    watermark, not to the last stable offset), partition by partition in offset order."""
+    watermark, not to the last stable offset); each partition's records in offset order."""
     hw_reader = KafkaConsumer(group_id=None, **settings.client_config())
     reader = KafkaConsumer(group_id=None, isolation_level="read_committed", **settings.client_config())
     tps = [TopicPartition(topic, p) for p in sorted(reader.partitions_for_topic(topic))]
